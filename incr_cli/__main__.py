@@ -1,0 +1,7 @@
+"""`python -m incr_cli ...` (what torchrun launches) is the same as `incr ...`."""
+
+import sys
+
+from incr_cli.cli import main
+
+sys.exit(main())

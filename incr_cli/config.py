@@ -1,0 +1,232 @@
+"""Structured configs (the schema Hydra validates types against) and the checks that run before training."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+DEVICES = ("auto", "cpu", "cuda")
+AMP_DTYPES = ("bfloat16", "float16")
+NONFINITE_ACTIONS = ("stop", "skip_batch")
+
+
+class ConfigError(ValueError):
+    """A bad value in the composed config; the CLI prints it as one line and exits with status 2."""
+
+
+def config_dir() -> Path:
+    """The folder of YAML config groups: inside the package in a wheel, at the repository top otherwise."""
+    packaged = Path(__file__).resolve().parent / "configs"
+    if (packaged / "train.yaml").is_file():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class AugmentConfig:
+    crop_padding: int = 0
+    horizontal_flip: bool = False
+    rotation_degrees: float = 0.0
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "digits"
+    num_classes: int = 10
+    input_shape: list[int] = field(default_factory=lambda: [1, 8, 8])
+    n_tasks: int = 5
+    initial_classes: int | None = None
+    class_order: list[int] | None = None
+    class_order_seed: int | None = None
+    val_fraction: float = 0.0
+    normalize: bool = False
+    mean: list[float] = field(default_factory=lambda: [0.0])
+    std: list[float] = field(default_factory=lambda: [1.0])
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class HardwareConfig:
+    device: str = "auto"
+    amp: bool = False
+    amp_dtype: str = "bfloat16"
+    num_threads: int | None = None
+    deterministic: bool = False
+    channels_last: bool = False
+    compile: bool = False
+
+
+@dataclass
+class DataConfig:
+    root: str = "~/.cache/incr/data"
+    download: bool = False
+
+
+@dataclass
+class LoopConfig:
+    on_nonfinite: str = "stop"
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int | None = None
+    every_seconds: float | None = 120.0
+    keep_last: int = 2
+
+
+@dataclass
+class TrainConfig:
+    model: Any = None
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    strategy: Any = None
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    optimizer: Any = None
+    scheduler: Any = None
+    seed: int = 0
+    epochs: int = 10
+    batch_size: int = 32
+    eval_batch_size: int = 1000
+    progress: bool = True
+    resume: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+def register_schema() -> None:
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+def check_config(cfg: DictConfig, *, check_data: bool = True) -> None:
+    """Every check that can fail before a batch is trained; raises ConfigError naming key, value and what is valid."""
+    _check_positive(cfg, "epochs", "batch_size", "eval_batch_size")
+    _check_stream(cfg.dataset)
+    _check_hardware(cfg.hardware)
+    _check_choice("train.on_nonfinite", cfg.train.on_nonfinite, NONFINITE_ACTIONS)
+    for key in ("every_steps", "every_seconds"):
+        value = cfg.checkpoint[key]
+        if value is not None and value <= 0:
+            raise ConfigError(f"checkpoint.{key}={value} must be positive or null")
+    if cfg.checkpoint.keep_last < 1:
+        raise ConfigError(f"checkpoint.keep_last={cfg.checkpoint.keep_last} must be at least 1")
+    for group in ("model", "strategy", "optimizer", "scheduler"):
+        if cfg[group] is not None:
+            check_target(group, cfg[group])
+    _check_model_fits(cfg.model, cfg.dataset)
+    memory = cfg.strategy.get("memory") if isinstance(cfg.strategy, DictConfig) else None
+    if isinstance(memory, DictConfig):
+        from incr_cli.memory import SELECTIONS
+
+        if memory.get("size", 0) < 0:
+            raise ConfigError(f"strategy.memory.size={memory.size} must be 0 or more")
+        _check_choice("strategy.memory.selection", memory.get("selection", "reservoir"), SELECTIONS)
+    if check_data:
+        from incr_cli.data.sources import check_available
+
+        check_available(cfg.dataset.name, cfg.data)
+
+
+def check_target(key: str, node: DictConfig) -> None:
+    """torchtune's habit: every key under a `_target_` must be a parameter of what it builds."""
+    target = node.get("_target_")
+    if target is None:
+        raise ConfigError(f"{key} needs a _target_ naming the class to build")
+    module_name, _, attribute = str(target).rpartition(".")
+    try:
+        built = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError, ValueError):
+        raise ConfigError(f"{key}._target_={target} cannot be imported") from None
+    parameters = inspect.signature(built).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    given = [k for k in node.keys() if not str(k).startswith("_")]
+    unknown = [k for k in given if k not in parameters]
+    if unknown:
+        valid = ", ".join(k for k, p in parameters.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL)
+        raise ConfigError(f"{key}.{unknown[0]} is not a parameter of {attribute}; valid: {valid}")
+    for k in given:
+        if isinstance(node[k], DictConfig) and "_target_" in node[k]:
+            check_target(f"{key}.{k}", node[k])
+
+
+def _check_positive(cfg: DictConfig, *keys: str) -> None:
+    for key in keys:
+        if cfg[key] < 1:
+            raise ConfigError(f"{key}={cfg[key]} must be a positive integer")
+
+
+def _check_choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ConfigError(f"{key}={value} is not valid; choose one of: {', '.join(valid)}")
+
+
+def _check_stream(dataset: DictConfig) -> None:
+    n_classes, n_tasks, initial = dataset.num_classes, dataset.n_tasks, dataset.initial_classes
+    if n_tasks < 1:
+        raise ConfigError(f"dataset.n_tasks={n_tasks} must be at least 1")
+    if initial is None:
+        if n_classes % n_tasks:
+            divisors = [d for d in range(1, n_classes + 1) if n_classes % d == 0]
+            raise ConfigError(
+                f"dataset.n_tasks={n_tasks} does not divide the {n_classes} classes of {dataset.name}; "
+                f"valid: {', '.join(map(str, divisors))}, or set dataset.initial_classes"
+            )
+    else:
+        rest = n_classes - initial
+        if not 0 < initial <= n_classes or (n_tasks == 1 and rest) or (n_tasks > 1 and (rest <= 0 or rest % (n_tasks - 1))):
+            raise ConfigError(
+                f"dataset.initial_classes={initial} with n_tasks={n_tasks} does not split {n_classes} classes: "
+                f"the {n_classes} - initial_classes remaining classes must divide into n_tasks - 1 equal tasks"
+            )
+    order = dataset.class_order
+    if order is not None and sorted(order) != list(range(n_classes)):
+        raise ConfigError(
+            f"dataset.class_order={list(order)} must be a permutation of 0..{n_classes - 1} (each class once)"
+        )
+    if not 0.0 <= dataset.val_fraction < 1.0:
+        raise ConfigError(f"dataset.val_fraction={dataset.val_fraction} must be in [0, 1)")
+    channels = dataset.input_shape[0]
+    for key in ("mean", "std"):
+        if len(dataset[key]) not in (1, channels):
+            raise ConfigError(f"dataset.{key}={list(dataset[key])} needs 1 or {channels} values (one per channel)")
+    if any(s <= 0 for s in dataset.std):
+        raise ConfigError(f"dataset.std={list(dataset.std)} must be positive")
+    augment = dataset.augment
+    if augment.crop_padding < 0 or augment.rotation_degrees < 0 or not math.isfinite(augment.rotation_degrees):
+        raise ConfigError(
+            f"dataset.augment crop_padding={augment.crop_padding}, rotation_degrees={augment.rotation_degrees}: "
+            "both must be 0 (off) or positive"
+        )
+
+
+def _check_hardware(hardware: DictConfig) -> None:
+    _check_choice("hardware.device", hardware.device, DEVICES)
+    _check_choice("hardware.amp_dtype", hardware.amp_dtype, AMP_DTYPES)
+    if hardware.num_threads is not None and hardware.num_threads < 1:
+        raise ConfigError(f"hardware.num_threads={hardware.num_threads} must be a positive integer or null")
+    if hardware.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("hardware=gpu (hardware.device=cuda) but no CUDA GPU is visible; use hardware=cpu or auto")
+
+
+def _check_model_fits(model: DictConfig, dataset: DictConfig) -> None:
+    size = model.get("input_size")
+    height, width = dataset.input_shape[1:]
+    if size is not None and (size, size) != (height, width):
+        raise ConfigError(
+            f"model.input_size={size} does not fit {dataset.name}'s {height}x{width} images; "
+            f"use a model made for {height}x{width} (mlp, resnet18, resnet32) or set model.input_size={height}"
+        )
+
+
+def to_container(cfg: DictConfig | ListConfig) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True)

@@ -1,0 +1,330 @@
+"""The task loop: strategy hooks, epochs of device-resident batches, evaluation, metrics and checkpoints."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import resource
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from incr_cli import checkpoint, metrics, plots
+from incr_cli.config import ConfigError, to_container
+from incr_cli.console import TrainingProgress, accuracy_table, console, summary_table
+from incr_cli.data.batches import DeviceBatches, Preprocess, eval_batches
+from incr_cli.data.sources import load_source
+from incr_cli.data.stream import Stream, build_stream
+from incr_cli.models.head import IncrementalNet
+from incr_cli.strategies.base import Context, Strategy
+
+log = logging.getLogger("incr")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class Hardware:
+    device: torch.device
+    autocast_dtype: torch.dtype | None  # None: full precision
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        # Loss scaling is only needed for float16's narrow exponent range (Micikevicius et al. 2018).
+        return torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
+
+
+def setup_hardware(cfg: DictConfig) -> Hardware:
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("hardware=gpu (hardware.device=cuda) but no CUDA GPU is visible; use hardware=cpu or auto")
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+    dtype = getattr(torch, cfg.amp_dtype) if cfg.amp else None
+    return Hardware(torch.device("cuda" if cuda else "cpu"), dtype)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Position:
+    """Where the run is: `task` is the next task to train or the one being trained; `started` says whether
+    its head growth and before_task already happened; epoch and batch count what is done of it."""
+
+    task: int = 0
+    started: bool = False
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0  # optimizer steps of the whole run
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class Run:
+    """One continual-learning experiment in one run directory."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, names: dict[str, str]):
+        self.cfg, self.run_dir, self.names = cfg, run_dir, names
+        self.config = to_container(cfg)
+        self.config_hash = checkpoint.config_hash(self.config)
+        self.hardware = setup_hardware(cfg.hardware)
+        seed_everything(cfg.seed)
+        device = self.hardware.device
+        source = load_source(cfg.dataset.name, cfg.data)
+        self.stream: Stream = build_stream(source, cfg.dataset).to(device)
+        backbone = instantiate(cfg.model, input_shape=tuple(cfg.dataset.input_shape))
+        self.model = IncrementalNet(backbone, self.stream.n_classes).to(device)
+        if cfg.hardware.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        if cfg.hardware.compile:
+            self.model.backbone.compile()
+        self.preprocess = Preprocess(cfg.dataset, self.stream.max_value, device, cfg.hardware.channels_last)
+        self.rng = torch.Generator(device=device).manual_seed(cfg.seed)
+        self.strategy: Strategy = instantiate(cfg.strategy)
+        self.strategy.setup(Context(self.model, self.stream, self.preprocess, self.rng, device))
+        self.checkpoints = run_dir / "checkpoints"
+        self.position = Position()
+        self.metrics = self._new_metrics()
+        self.progress = TrainingProgress(cfg.progress)
+        self._last_save = time.monotonic()
+
+    # ----------------------------------------------------------------- the loop
+    def run(self) -> dict:
+        cfg, stream = self.cfg, self.stream
+        started = time.perf_counter()
+        log.info("run directory: %s", self.run_dir)
+        if not self.metrics["class_il"]["initial_accuracy"]:
+            class_il, task_il, _ = self.evaluate(n_seen=0)
+            self.metrics["class_il"]["initial_accuracy"] = class_il
+            self.metrics["task_il"]["initial_accuracy"] = task_il
+        with self.progress.running(len(stream.tasks)):
+            while self.position.task < len(stream.tasks):
+                self.train_task(stream.tasks[self.position.task])
+        self.metrics["run"]["status"] = "finished"
+        self.metrics["wall_seconds"] += time.perf_counter() - started
+        self.write_results()
+        console.print(summary_table(self.metrics))
+        log.info("finished; results in %s", self.run_dir)
+        return self.metrics
+
+    def train_task(self, task) -> None:
+        cfg, position = self.cfg, self.position
+        seen = task.classes[-1] + 1
+        if not position.started:
+            self.model.head.grow(seen)
+            self.strategy.before_task(task)
+            position.started = True
+        optimizer = instantiate(cfg.optimizer, params=self.model.parameters())
+        scheduler = instantiate(cfg.scheduler, optimizer=optimizer) if cfg.scheduler is not None else None
+        scaler = self.hardware.grad_scaler()
+        if self._resume_state is not None:
+            optimizer.load_state_dict(self._resume_state["optimizer"])
+            if scheduler is not None:
+                scheduler.load_state_dict(self._resume_state["scheduler"])
+            scaler.load_state_dict(self._resume_state["scaler"])
+            self._resume_state = None
+        indices = self.strategy.training_indices(task)
+        batches = DeviceBatches(self.stream.train_x, self.stream.train_y, indices, cfg.batch_size, cfg.seed, task.id)
+        timing = self.metrics["per_task"][task.id] if task.id < len(self.metrics["per_task"]) else None
+        if timing is None:
+            timing = {"task": task.id, "train_seconds": 0.0, "samples": 0, "steps": 0}
+            self.metrics["per_task"].append(timing)
+        self.progress.start_task(task.id, cfg.epochs, task.id)
+        log.info("task %d/%d: classes %s, %d training samples",
+                 task.id + 1, len(self.stream.tasks), [self.stream.class_names[c] for c in task.classes], len(indices))  # fmt: skip
+        self.model.train()
+        while position.epoch < cfg.epochs:
+            self.progress.start_epoch(position.epoch, len(batches), position.batch)
+            tick = time.perf_counter()
+            for batch in batches.epoch(position.epoch, start=position.batch):
+                self._step(batch, optimizer, scaler, task, timing)
+                position.batch += 1
+                position.step += 1
+                timing["samples"] += len(batch)
+                timing["steps"] += 1
+                elapsed = time.perf_counter() - tick
+                self.progress.advance_batch(len(batch) / max(elapsed, 1e-9))
+                timing["train_seconds"] += elapsed
+                if self._checkpoint_due():
+                    self.save_checkpoint(optimizer, scheduler, scaler)
+                tick = time.perf_counter()
+            if scheduler is not None:
+                scheduler.step()
+            position.epoch += 1
+            position.batch = 0
+        self.strategy.after_task(task)
+        tick = time.perf_counter()
+        class_il, task_il, final = self.evaluate(n_seen=seen)
+        timing["eval_seconds"] = time.perf_counter() - tick
+        timing["samples_per_second"] = timing["samples"] / max(timing["train_seconds"], 1e-9)
+        timing["memory_samples"] = self.strategy.memory_samples
+        timing["memory_bytes"] = self.strategy.memory_bytes
+        self.record(class_il, task_il, final)
+        self.position = Position(task=task.id + 1, step=position.step)
+        self.save_checkpoint(None, None, None, task_end=task.id)
+        self.write_results()
+        self.model.train()
+
+    def _step(self, batch, optimizer, scaler, task, timing) -> None:
+        with self.hardware.autocast():
+            loss = self.strategy.loss(batch)
+        if not torch.isfinite(loss):
+            where = f"task {task.id + 1}, epoch {self.position.epoch + 1}, step {self.position.batch + 1}"
+            if self.cfg.train.on_nonfinite == "skip_batch":
+                log.warning("non-finite loss (%s) at %s: batch skipped", loss.item(), where)
+                optimizer.zero_grad(set_to_none=True)
+                return
+            raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at {where}; the last good checkpoint is kept "
+                                "(train.on_nonfinite=skip_batch skips such batches instead)")  # fmt: skip
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    # ----------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, n_seen: int) -> tuple[list[float], list[float], dict]:
+        """Class-IL accuracy (argmax over the classes seen so far) and task-IL accuracy (argmax within the
+        task's own classes) on every task's test set, seen and future; and the seen classes' confusion."""
+        self.model.eval()
+        stream = self.stream
+        with self.hardware.autocast():
+            scores = torch.cat([self.strategy.predict(self.preprocess(x)).float()
+                                for x in eval_batches(stream.test_x, self.cfg.eval_batch_size)])  # fmt: skip
+        y, task_of_sample = stream.test_y, stream.test_task_ids()
+        if n_seen:
+            class_prediction = scores[:, :n_seen].argmax(1)
+        else:  # nothing learned yet: no class can be predicted
+            class_prediction = torch.full_like(y, -1)
+        task_prediction = torch.empty_like(y)
+        for task in stream.tasks:
+            rows = task_of_sample == task.id
+            first, last = task.classes[0], task.classes[-1] + 1
+            task_prediction[rows] = scores[rows, first:last].argmax(1) + first
+        n_tasks = len(stream.tasks)
+        counts = torch.bincount(task_of_sample, minlength=n_tasks).double()
+
+        def per_task(correct: torch.Tensor) -> list[float]:
+            hits = torch.bincount(task_of_sample, weights=correct.double(), minlength=n_tasks)
+            return (hits / counts).tolist()
+
+        final = {}
+        if n_seen:
+            seen_rows = y < n_seen
+            confusion = metrics.confusion_matrix(y[seen_rows], class_prediction[seen_rows], n_seen)
+            final = {**metrics.precision_recall_f1(confusion), "confusion_matrix": confusion.tolist()}
+        return per_task(class_prediction == y), per_task(task_prediction == y), final
+
+    # ----------------------------------------------------------------- metrics and files
+    def _new_metrics(self) -> dict:
+        stream = self.stream
+        return {
+            "run": {
+                "strategy": self.names["strategy"], "dataset": self.names["dataset"], "model": self.names["model"],
+                "seed": self.cfg.seed, "config_hash": self.config_hash, "device": str(self.hardware.device),
+                "status": "running", "n_tasks": len(stream.tasks),
+            },
+            "tasks": [{"task": t.id, "classes": t.classes, "class_names": [stream.class_names[c] for c in t.classes],
+                       "original_classes": [stream.class_order[c] for c in t.classes],
+                       "train_samples": len(t.train_index), "val_samples": len(t.val_index),
+                       "test_samples": len(t.test_index)} for t in stream.tasks],
+            "class_il": {"accuracy_matrix": [], "initial_accuracy": []},
+            "task_il": {"accuracy_matrix": [], "initial_accuracy": []},
+            "per_task": [],
+            "final": {},
+            "parameters": 0,
+            "peak_memory_bytes": 0,
+            "wall_seconds": 0.0,
+        }  # fmt: skip
+
+    def record(self, class_il: list[float], task_il: list[float], final: dict) -> None:
+        m = self.metrics
+        for key, row in (("class_il", class_il), ("task_il", task_il)):
+            m[key]["accuracy_matrix"].append(row)
+            m[key].update(metrics.summarize(m[key]["accuracy_matrix"], m[key]["initial_accuracy"]))
+        m["final"] = final
+        m["per_task"][-1]["f1"] = final.get("f1")
+        m["parameters"] = sum(p.numel() for p in self.model.parameters())
+        m["peak_memory_bytes"] = self._peak_memory()
+        step = len(m["class_il"]["accuracy_matrix"])
+        console.print(accuracy_table(m["class_il"]["accuracy_matrix"], f"class-IL accuracy after task {step}"))
+        log.info("task %d: average accuracy %.4f (class-IL), %.4f (task-IL); %.1f s training, %.0f samples/s",
+                 step, m["class_il"]["average_accuracy"][-1], m["task_il"]["average_accuracy"][-1],
+                 m["per_task"][-1]["train_seconds"], m["per_task"][-1]["samples_per_second"])  # fmt: skip
+
+    def _peak_memory(self) -> int:
+        if self.hardware.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.hardware.device)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+    def write_results(self) -> None:
+        """metrics.json, accuracy_matrix.csv and the two plots, rewritten after every task."""
+        m = self.metrics
+        checkpoint.write_json(self.run_dir / "metrics.json", m)
+        matrix = m["class_il"]["accuracy_matrix"]
+        if not matrix:
+            return
+        header = "after_task," + ",".join(f"task_{j + 1}" for j in range(len(matrix[0])))
+        lines = [header] + [f"{i + 1}," + ",".join(f"{v:.6f}" for v in row) for i, row in enumerate(matrix)]
+        checkpoint.atomic_write(self.run_dir / "accuracy_matrix.csv", lambda h: h.write(("\n".join(lines) + "\n").encode()))
+        title = f"{m['run']['strategy']} on {m['run']['dataset']}, seed {m['run']['seed']}"
+        plots.plot_accuracy_matrix(matrix, self.run_dir / "accuracy_matrix.png", f"class-IL accuracy: {title}")
+        curves = {"class-IL": m["class_il"]["average_accuracy"], "task-IL": m["task_il"]["average_accuracy"]}
+        plots.plot_average_accuracy(curves, self.run_dir / "average_accuracy.png", title)
+
+    # ----------------------------------------------------------------- checkpoints
+    _resume_state: dict | None = None
+
+    def _checkpoint_due(self) -> bool:
+        every_steps, every_seconds = self.cfg.checkpoint.every_steps, self.cfg.checkpoint.every_seconds
+        if every_steps and self.position.step % every_steps == 0:
+            return True
+        return bool(every_seconds) and time.monotonic() - self._last_save >= every_seconds
+
+    def save_checkpoint(self, optimizer, scheduler, scaler, task_end: int | None = None) -> None:
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        state = {
+            "config_hash": self.config_hash,
+            "position": self.position.as_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "strategy": self.strategy.state_dict(),
+            "rng": checkpoint.rng_state(self.rng),
+            "metrics": self.metrics,
+        }
+        if task_end is not None:
+            path = self.checkpoints / f"task_{task_end + 1}.pt"
+        else:
+            path = self.checkpoints / f"step_{self.position.step:08d}.pt"
+        checkpoint.save(path, state)
+        checkpoint.link(path, self.checkpoints / "last.pt")
+        if task_end is None:
+            for old in sorted(self.checkpoints.glob("step_*.pt"))[: -self.cfg.checkpoint.keep_last]:
+                old.unlink(missing_ok=True)
+        self._last_save = time.monotonic()

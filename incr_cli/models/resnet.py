@@ -1,0 +1,75 @@
+"""CIFAR-style residual networks (He et al. 2016): ResNet-18 with a 3x3 stem and ResNet-32."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers with a shortcut. `zero_pad_shortcut` is He et al.'s option A (identity with
+    subsampling and zero channels, no parameters), used by the CIFAR ResNet-32 of iCaRL and PyCIL;
+    otherwise a 1x1 conv-BN projection (option B), as in the ResNet-18 of GEM and DER."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int, zero_pad_shortcut: bool):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.stride, self.extra_channels = stride, planes - in_planes
+        self.zero_pad_shortcut = zero_pad_shortcut
+        self.projection = None
+        if not zero_pad_shortcut and (stride != 1 or in_planes != planes):
+            self.projection = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def shortcut(self, x: Tensor) -> Tensor:
+        if self.projection is not None:
+            return self.projection(x)
+        if self.zero_pad_shortcut and (self.stride != 1 or self.extra_channels):
+            x = x[:, :, :: self.stride, :: self.stride]
+            return F.pad(x, (0, 0, 0, 0, 0, self.extra_channels))
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class _CifarResNet(nn.Module):
+    def __init__(self, in_channels: int, widths: list[int], blocks: list[int], zero_pad_shortcut: bool):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)
+        )
+        stages, in_planes = [], widths[0]
+        for i, (planes, n_blocks) in enumerate(zip(widths, blocks)):
+            for j in range(n_blocks):
+                stride = 2 if i > 0 and j == 0 else 1
+                stages.append(BasicBlock(in_planes, planes, stride, zero_pad_shortcut))
+                in_planes = planes
+        self.stages = nn.Sequential(*stages)
+        self.feature_dim = in_planes
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.flatten(F.adaptive_avg_pool2d(self.stages(self.stem(x)), 1), 1)
+
+
+class ResNet18(_CifarResNet):
+    """ResNet-18 for 32x32 inputs as in GEM and DER (Buzzega et al. 2020): 3x3 stride-1 stem, no max-pool,
+    four stages of two basic blocks with widths w, 2w, 4w, 8w (w=64; GEM's reduced variant uses w=20)."""
+
+    def __init__(self, input_shape, width: int = 64):
+        super().__init__(input_shape[0], [width, 2 * width, 4 * width, 8 * width], [2, 2, 2, 2], False)
+
+
+class ResNet32(_CifarResNet):
+    """ResNet-32 for CIFAR (He et al. 2016, section 4.2; iCaRL, PyCIL): three stages of five basic blocks
+    with widths 16, 32, 64 and parameter-free (option A) shortcuts; 64 features."""
+
+    def __init__(self, input_shape, width: int = 16):
+        super().__init__(input_shape[0], [width, 2 * width, 4 * width], [5, 5, 5], True)

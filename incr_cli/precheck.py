@@ -1,0 +1,73 @@
+"""Compose and check every job of an `incr train` command before Hydra starts any of them."""
+
+from __future__ import annotations
+
+from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra._internal.utils import get_args_parser
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, MissingConfigException
+from omegaconf.errors import OmegaConfBaseException
+
+from incr_cli.config import ConfigError, check_config, config_dir, register_schema
+
+# Flags after which Hydra prints or inspects instead of training.
+INSPECTION_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc",
+                    "--version", "--resolve", "-p", "--package"}  # fmt: skip
+
+
+def job_overrides(argv: list[str]) -> list[list[str]] | None:
+    """The override list of every job the command would run; None when it only inspects."""
+    if INSPECTION_FLAGS & set(argv):
+        return None
+    args = get_args_parser().parse_args(argv)
+    parsed = OverridesParser.create().parse_overrides(args.overrides)
+    sweeps = [o.input_line for o in parsed if o.is_sweep_override()]
+    if sweeps and not args.multirun:
+        raise ConfigError(f"{sweeps[0]} lists several values; add -m (--multirun) to run one job per value")
+    # Hydra's own settings (launcher, output folders) are checked by Hydra itself.
+    ours = [o for o in parsed if not o.get_key_element().lstrip("+~").startswith("hydra")]
+    if not args.multirun:
+        return [[o.input_line for o in ours]]
+    return BasicSweeper.split_arguments(ours, max_batch_size=None)[0]
+
+
+def check_command(argv: list[str]) -> None:
+    """Raises ConfigError (one line) for the first job whose config is unknown, mistyped or invalid."""
+    try:
+        jobs = job_overrides(argv)
+    except HydraException as error:
+        raise ConfigError(_one_line(error)) from None
+    if jobs is None:
+        return
+    register_schema()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        for overrides in jobs:
+            try:
+                cfg = compose("train", overrides=overrides)
+            except MissingConfigException as error:
+                raise ConfigError(_unknown_choice(error)) from None
+            except (HydraException, OmegaConfBaseException) as error:
+                raise ConfigError(_one_line(error)) from None
+            check_config(cfg)
+    GlobalHydra.instance().clear()
+
+
+def _unknown_choice(error: MissingConfigException) -> str:
+    missing = str(error.missing_cfg_file or "")
+    if error.options and "/" in missing:
+        group, name = missing.rsplit("/", 1)
+        return f"unknown {group} '{name}'; valid: {', '.join(sorted(error.options))}"
+    return _one_line(error)
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error)
+    cause = error.__cause__
+    if cause is not None and str(cause) and str(cause) not in text:
+        text = f"{text}: {cause}"
+    # OmegaConf appends 'full_key: ..., object_type=...' lines; the first lines say what is wrong.
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("object_type")]
+    return " ".join(lines)

@@ -1,0 +1,74 @@
+"""The strategy contract: what a continual-learning method may change about training, and nothing more.
+
+The engine owns the loop, the optimizer step, mixed precision and checkpoints. A method overrides the hooks
+it needs, in the order they run: `before_task`, `training_indices`, per batch `loss` (or `training_step`
+for methods that change the update itself), `after_task`, and `predict` for methods that classify
+differently. Everything it remembers between tasks goes through `state_dict`, so resume is exact."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from incr_cli.data.batches import Batch, Preprocess
+from incr_cli.data.stream import Stream, Task
+from incr_cli.models.head import IncrementalNet
+
+
+@dataclass
+class Context:
+    """What the engine hands a strategy once, before the first task."""
+
+    model: IncrementalNet
+    stream: Stream
+    preprocess: Preprocess
+    rng: torch.Generator  # on the training device; its state is checkpointed
+    device: torch.device
+
+
+class Strategy:
+    """Fine-tuning: cross-entropy on the current task's batches over the classes seen so far."""
+
+    scenarios: tuple[str, ...] = ("class_il",)
+
+    def setup(self, context: Context) -> None:
+        self.context = context
+        self.model, self.stream, self.rng = context.model, context.stream, context.rng
+
+    def before_task(self, task: Task) -> None:
+        """Called after the head has grown to this task's classes, before the optimizer is built."""
+
+    def training_indices(self, task: Task) -> Tensor:
+        """Rows of the stream's training tensors that this task's epochs iterate over."""
+        return task.train_index
+
+    def logits(self, batch: Batch) -> Tensor:
+        return self.model(self.context.preprocess(batch.x, self.rng))
+
+    def loss(self, batch: Batch) -> Tensor:
+        return F.cross_entropy(self.logits(batch), batch.y)
+
+    def after_task(self, task: Task) -> None:
+        """Called after the task's last epoch, before evaluation."""
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        """Scores for every class of the stream (future classes included) of preprocessed inputs."""
+        return self.model.forward_all(x)
+
+    @property
+    def memory_samples(self) -> int:
+        return 0
+
+    @property
+    def memory_bytes(self) -> int:
+        return 0
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

@@ -1,0 +1,9 @@
+"""Fine-tuning: the lower bound every continual-learning method must beat."""
+
+from incr_cli.strategies.base import Strategy
+
+
+class Finetune(Strategy):
+    """Trains on each task in turn with plain cross-entropy and nothing against forgetting.
+
+    The naive baseline of every continual-learning paper (Avalanche's `Naive`, Mammoth's `sgd`)."""

@@ -1,0 +1,46 @@
+"""Experience replay from a fixed-size memory."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from incr_cli.data.batches import Batch
+from incr_cli.data.stream import Task
+from incr_cli.memory import Memory
+from incr_cli.strategies.base import Strategy
+
+
+class Replay(Strategy):
+    """Experience replay (Chaudhry et al. 2019, "On Tiny Episodic Memories in Continual Learning").
+
+    Every training batch B is joined by a batch M drawn from the memory, and the loss is the cross-entropy
+    over the joined batch: L = CE(f(B u M), y). After each task, the task's training samples are offered
+    to the memory (reservoir or class-balanced selection). Defaults: memory 200 (P1) / 500 (P2), replay
+    batch equal to the training batch (Avalanche's `batch_size_mem`, Mammoth's `minibatch_size`)."""
+
+    def __init__(self, memory: Memory, replay_batch_size: int | None = None):
+        self.memory = memory
+        self.replay_batch_size = replay_batch_size
+
+    def loss(self, batch: Batch) -> Tensor:
+        if len(self.memory):
+            batch = batch.join(self.memory.sample(self.replay_batch_size or len(batch), self.rng))
+        return F.cross_entropy(self.logits(batch), batch.y)
+
+    def after_task(self, task: Task) -> None:
+        self.memory.add(self.stream.train_x[task.train_index], self.stream.train_y[task.train_index], self.rng)
+
+    @property
+    def memory_samples(self) -> int:
+        return len(self.memory)
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.memory.nbytes
+
+    def state_dict(self) -> dict:
+        return {"memory": self.memory.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.memory.load_state_dict(state["memory"])

@@ -1,0 +1,39 @@
+"""The Hydra entrypoint of `incr train`: check the composed config, build the run, train it."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from incr_cli.config import ConfigError, check_config, config_dir, register_schema
+from incr_cli.console import fail
+
+
+def train_job(cfg: DictConfig) -> float:
+    """One job of `incr train` (a multirun calls it once per combination). Returns the final average
+    accuracy, the figure a Hydra sweeper optimises."""
+    from incr_cli.engine import Run  # torch is imported only once the config is known to be good
+
+    hydra_config = HydraConfig.get()
+    choices = hydra_config.runtime.choices
+    names = {group: str(choices.get(group)) for group in ("strategy", "dataset", "model")}
+    try:
+        check_config(cfg)
+        run = Run(cfg, Path(hydra_config.runtime.output_dir), names)
+    except ConfigError as error:
+        fail(str(error))
+        sys.exit(2)
+    metrics = run.run()
+    return metrics["class_il"]["final_average_accuracy"]
+
+
+def run_hydra(argv: list[str]) -> None:
+    """Hand the arguments to Hydra exactly as `python train.py ARGS` would."""
+    register_schema()
+    main = hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")(train_job)
+    sys.argv = ["incr train", *argv]
+    main()
