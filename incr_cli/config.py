@@ -106,6 +106,9 @@ def register_schema() -> None:
 
 def check_config(cfg: DictConfig, *, check_data: bool = True) -> None:
     """Every check that can fail before a batch is trained; raises ConfigError naming key, value and what is valid."""
+    unknown = sorted(set(cfg.keys()) - set(TrainConfig.__dataclass_fields__))
+    if unknown:
+        raise ConfigError(f"unknown top-level key '{unknown[0]}'; valid: {', '.join(TrainConfig.__dataclass_fields__)}")
     _check_positive(cfg, "epochs", "batch_size", "eval_batch_size")
     _check_stream(cfg.dataset)
     _check_hardware(cfg.hardware)

@@ -126,7 +126,7 @@ class Run:
                 self.train_task(stream.tasks[self.position.task])
         self.metrics["run"]["status"] = "finished"
         self.metrics["wall_seconds"] += time.perf_counter() - started
-        self.write_results()
+        self.write_results(plots_too=True)
         console.print(summary_table(self.metrics))
         log.info("finished; results in %s", self.run_dir)
         return self.metrics
@@ -281,8 +281,8 @@ class Run:
             return torch.cuda.max_memory_allocated(self.hardware.device)
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
-    def write_results(self) -> None:
-        """metrics.json, accuracy_matrix.csv and the two plots, rewritten after every task."""
+    def write_results(self, plots_too: bool = False) -> None:
+        """metrics.json and accuracy_matrix.csv after every task; the plots at the end (matplotlib is slow)."""
         m = self.metrics
         checkpoint.write_json(self.run_dir / "metrics.json", m)
         matrix = m["class_il"]["accuracy_matrix"]
@@ -291,6 +291,8 @@ class Run:
         header = "after_task," + ",".join(f"task_{j + 1}" for j in range(len(matrix[0])))
         lines = [header] + [f"{i + 1}," + ",".join(f"{v:.6f}" for v in row) for i, row in enumerate(matrix)]
         checkpoint.atomic_write(self.run_dir / "accuracy_matrix.csv", lambda h: h.write(("\n".join(lines) + "\n").encode()))
+        if not plots_too:
+            return
         title = f"{m['run']['strategy']} on {m['run']['dataset']}, seed {m['run']['seed']}"
         plots.plot_accuracy_matrix(matrix, self.run_dir / "accuracy_matrix.png", f"class-IL accuracy: {title}")
         curves = {"class-IL": m["class_il"]["average_accuracy"], "task-IL": m["task_il"]["average_accuracy"]}
