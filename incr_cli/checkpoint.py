@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import os
 import random
@@ -12,6 +13,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from incr_cli import faults
 
 FORMAT = "incr-checkpoint"
 VERSION = 1
@@ -70,7 +73,16 @@ def atomic_write(path: Path, write: callable) -> None:
 
 def save(path: Path, state: dict[str, Any]) -> None:
     payload = {"format": FORMAT, "version": VERSION, **state}
-    atomic_write(path, lambda handle: torch.save(payload, handle))
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    data = buffer.getbuffer()
+
+    def write(handle) -> None:
+        handle.write(data[: len(data) // 2])
+        faults.reach("checkpoint_write")
+        handle.write(data[len(data) // 2 :])
+
+    atomic_write(path, write)
 
 
 def link(target: Path, name: Path) -> None:
@@ -93,6 +105,26 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an incr checkpoint")
     return state
+
+
+def candidates(folder: Path) -> list[Path]:
+    """Checkpoints to resume from, newest first: last.pt, then step and task checkpoints by age."""
+    others = sorted((p for p in folder.glob("*.pt") if p.name != "last.pt"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    last = folder / "last.pt"
+    ordered, inodes = [], set()
+    for path in ([last] if last.is_file() else []) + others:
+        if path.stat().st_ino not in inodes:  # last.pt is a hard link to one of the others
+            inodes.add(path.stat().st_ino)
+            ordered.append(path)
+    return ordered
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Temporary files of writes a kill interrupted; the files they were to replace are intact."""
+    for stale in folder.glob(".*.tmp-*"):
+        stale.unlink(missing_ok=True)
+    for stale in folder.glob(".*.link-*"):
+        stale.unlink(missing_ok=True)
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -1,4 +1,4 @@
-"""The `incr` command: a dispatcher over subcommands (train now; resume, eval, predict, report later)."""
+"""The `incr` command: a dispatcher over subcommands (train, resume; eval, predict and report come later)."""
 
 from __future__ import annotations
 
@@ -23,9 +23,40 @@ def train(argv: list[str]) -> int:
     return 0
 
 
+def resume(argv: list[str]) -> int:
+    """`incr resume RUN_DIR [OVERRIDES]`: the run's own overrides, plus result-neutral ones, with resume=true."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from incr_cli.checkpoint import RESULT_NEUTRAL_KEYS
+
+    if not argv or argv[0].startswith("-"):
+        print("usage: incr resume RUN_DIR [OVERRIDES]\n\ncontinue a killed or interrupted run from its last "
+              f"good checkpoint; OVERRIDES may only set: {', '.join(RESULT_NEUTRAL_KEYS)}")  # fmt: skip
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    run_dir, overrides = Path(argv[0]), argv[1:]
+    saved = run_dir / ".hydra" / "overrides.yaml"
+    if not saved.is_file():
+        fail(f"{run_dir} is not an incr run directory (no .hydra/overrides.yaml)")
+        return 2
+    new_keys = {_override_key(o) for o in overrides}
+    for key in new_keys:
+        if key not in RESULT_NEUTRAL_KEYS:
+            fail(f"{key} would change the run's results; resume accepts only: {', '.join(RESULT_NEUTRAL_KEYS)}")
+            return 2
+    original = [o for o in OmegaConf.load(saved) if _override_key(o) not in new_keys | {"resume", "hydra.run.dir"}]
+    return train([*original, *overrides, "resume=true", f"hydra.run.dir={run_dir}"])
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 # name -> (function taking the remaining arguments, one-line description)
 SUBCOMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (train, "train a model on a stream of tasks; Hydra overrides, e.g. strategy=replay dataset=digits"),
+    "resume": (resume, "continue a killed run from its last good checkpoint: incr resume RUN_DIR"),
 }
 
 USAGE = """usage: incr <command> [arguments]

@@ -6,8 +6,10 @@ import logging
 import os
 import random
 import resource
+import signal
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from incr_cli import checkpoint, metrics, plots
+from incr_cli import checkpoint, faults, metrics, plots
 from incr_cli.config import ConfigError, to_container
 from incr_cli.console import TrainingProgress, accuracy_table, console, summary_table
 from incr_cli.data.batches import DeviceBatches, Preprocess, eval_batches
@@ -29,7 +31,15 @@ log = logging.getLogger("incr")
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """A NaN or infinite loss with train.on_nonfinite=stop."""
+
+
+class Interrupted(RuntimeError):
+    """SIGINT or SIGTERM arrived; a checkpoint was written first."""
+
+    def __init__(self, message: str, signal_number: int):
+        super().__init__(message)
+        self.signal_number = signal_number
 
 
 @dataclass
@@ -111,19 +121,60 @@ class Run:
         self.metrics = self._new_metrics()
         self.progress = TrainingProgress(cfg.progress)
         self._last_save = time.monotonic()
+        self._resume_state: dict | None = None
+        self._signal: int | None = None
+        if cfg.resume:
+            self.restore()
+
+    def restore(self) -> None:
+        """Continue from the newest checkpoint that loads; an unusable one is named and skipped."""
+        if not self.checkpoints.is_dir():
+            log.info("resume=true but %s holds no checkpoint yet: starting from the beginning", self.run_dir)
+            return
+        checkpoint.remove_stale_temporaries(self.checkpoints)
+        state = None
+        for path in checkpoint.candidates(self.checkpoints):
+            try:
+                state = checkpoint.load(path, map_location=self.hardware.device)
+            except checkpoint.CheckpointError as error:
+                log.warning("%s; falling back to an earlier checkpoint", error)
+                continue
+            break
+        if state is None:
+            log.warning("no usable checkpoint in %s: starting from the beginning", self.checkpoints)
+            return
+        if state["config_hash"] != self.config_hash:
+            raise ConfigError(
+                f"{path} was written by a different experiment (config hash {state['config_hash']}, now "
+                f"{self.config_hash}); resume may only change {', '.join(checkpoint.RESULT_NEUTRAL_KEYS)}"
+            )
+        self.model.load_state_dict(state["model"])
+        self.strategy.load_state_dict(state["strategy"])
+        checkpoint.restore_rng(state["rng"], self.rng)
+        self.metrics = state["metrics"]
+        self.position = Position(**state["position"])
+        if self.position.started:
+            self._resume_state = {k: state[k] for k in ("optimizer", "scheduler", "scaler")}
+        p = self.position
+        log.info("resumed from %s: task %d, epoch %d, batch %d", path, p.task + 1, p.epoch + 1, p.batch)
 
     # ----------------------------------------------------------------- the loop
     def run(self) -> dict:
-        cfg, stream = self.cfg, self.stream
+        stream = self.stream
         started = time.perf_counter()
         log.info("run directory: %s", self.run_dir)
+        if self.metrics["run"]["status"] == "finished":
+            log.info("this run already finished; nothing to do")
+            return self.metrics
         if not self.metrics["class_il"]["initial_accuracy"]:
             class_il, task_il, _ = self.evaluate(n_seen=0)
             self.metrics["class_il"]["initial_accuracy"] = class_il
             self.metrics["task_il"]["initial_accuracy"] = task_il
-        with self.progress.running(len(stream.tasks)):
+        with self.progress.running(len(stream.tasks)), self._signals_checkpointed():
             while self.position.task < len(stream.tasks):
                 self.train_task(stream.tasks[self.position.task])
+                faults.reach("task_end")
+                self._stop_if_signalled(None, None, None)
         self.metrics["run"]["status"] = "finished"
         self.metrics["wall_seconds"] += time.perf_counter() - started
         self.write_results(plots_too=True)
@@ -169,8 +220,10 @@ class Run:
                 elapsed = time.perf_counter() - tick
                 self.progress.advance_batch(len(batch) / max(elapsed, 1e-9))
                 timing["train_seconds"] += elapsed
+                faults.reach("step")
                 if self._checkpoint_due():
                     self.save_checkpoint(optimizer, scheduler, scaler)
+                self._stop_if_signalled(optimizer, scheduler, scaler)
                 tick = time.perf_counter()
             if scheduler is not None:
                 scheduler.step()
@@ -212,6 +265,7 @@ class Run:
         task's own classes) on every task's test set, seen and future; and the seen classes' confusion."""
         self.model.eval()
         stream = self.stream
+        faults.reach("evaluate")
         with self.hardware.autocast():
             scores = torch.cat([self.strategy.predict(self.preprocess(x)).float()
                                 for x in eval_batches(stream.test_x, self.cfg.eval_batch_size)])  # fmt: skip
@@ -298,8 +352,35 @@ class Run:
         curves = {"class-IL": m["class_il"]["average_accuracy"], "task-IL": m["task_il"]["average_accuracy"]}
         plots.plot_average_accuracy(curves, self.run_dir / "average_accuracy.png", title)
 
-    # ----------------------------------------------------------------- checkpoints
-    _resume_state: dict | None = None
+    # ----------------------------------------------------------------- checkpoints and signals
+    @contextmanager
+    def _signals_checkpointed(self):
+        """SIGINT and SIGTERM only set a flag; the loop writes a checkpoint at the next step and stops."""
+
+        def note(signal_number, frame):
+            self._signal = signal_number
+
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _stop_if_signalled(self, optimizer, scheduler, scaler) -> None:
+        if self._signal is None:
+            return
+        if optimizer is not None:  # between tasks, the task-end checkpoint is already the latest
+            self.save_checkpoint(optimizer, scheduler, scaler)
+        self.metrics["run"]["status"] = "interrupted"
+        self.write_results()
+        name = signal.Signals(self._signal).name
+        raise Interrupted(f"{name} received: checkpoint saved at task {self.position.task + 1}, epoch "
+                          f"{self.position.epoch + 1}, batch {self.position.batch}; continue with: "
+                          f"incr resume {self.run_dir}", self._signal)  # fmt: skip
 
     def _checkpoint_due(self) -> bool:
         every_steps, every_seconds = self.cfg.checkpoint.every_steps, self.cfg.checkpoint.every_seconds

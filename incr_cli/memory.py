@@ -70,7 +70,7 @@ class Memory:
         quota = torch.full((len(classes),), self.size // len(classes))
         quota[: self.size % len(classes)] += 1
         keep = []
-        for label, n in zip(classes.tolist(), quota.tolist()):
+        for label, n in zip(classes.tolist(), quota.tolist(), strict=True):
             members = torch.nonzero(all_y == label).flatten()
             order = torch.randperm(len(members), generator=generator, device=generator.device)
             keep.append(members[order.to(members.device)[:n]])

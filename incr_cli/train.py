@@ -16,7 +16,8 @@ from incr_cli.console import fail
 def train_job(cfg: DictConfig) -> float:
     """One job of `incr train` (a multirun calls it once per combination). Returns the final average
     accuracy, the figure a Hydra sweeper optimises."""
-    from incr_cli.engine import Run  # torch is imported only once the config is known to be good
+    from incr_cli.checkpoint import CheckpointError
+    from incr_cli.engine import Interrupted, NonFiniteLoss, Run  # torch loads once the config is known good
 
     hydra_config = HydraConfig.get()
     choices = hydra_config.runtime.choices
@@ -27,7 +28,16 @@ def train_job(cfg: DictConfig) -> float:
     except ConfigError as error:
         fail(str(error))
         sys.exit(2)
-    metrics = run.run()
+    try:
+        metrics = run.run()
+    except Interrupted as stop:
+        fail(str(stop))
+        sys.exit(128 + stop.signal_number)
+    except (NonFiniteLoss, CheckpointError) as error:
+        run.metrics["run"]["status"] = "failed"
+        run.metrics["run"]["error"] = str(error)
+        fail(str(error))
+        sys.exit(1)
     return metrics["class_il"]["final_average_accuracy"]
 
 

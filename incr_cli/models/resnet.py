@@ -44,7 +44,7 @@ class _CifarResNet(nn.Module):
             nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)
         )
         stages, in_planes = [], widths[0]
-        for i, (planes, n_blocks) in enumerate(zip(widths, blocks)):
+        for i, (planes, n_blocks) in enumerate(zip(widths, blocks, strict=True)):
             for j in range(n_blocks):
                 stride = 2 if i > 0 and j == 0 else 1
                 stages.append(BasicBlock(in_planes, planes, stride, zero_pad_shortcut))
