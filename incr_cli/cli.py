@@ -46,7 +46,8 @@ def resume(argv: list[str]) -> int:
             fail(f"{key} would change the run's results; resume accepts only: {', '.join(RESULT_NEUTRAL_KEYS)}")
             return 2
     original = [o for o in OmegaConf.load(saved) if _override_key(o) not in new_keys | {"resume", "hydra.run.dir"}]
-    return train([*original, *overrides, "resume=true", f"hydra.run.dir={run_dir}"])
+    # The run's .hydra/ files stay as the original command wrote them.
+    return train([*original, *overrides, "resume=true", f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"])
 
 
 def _override_key(override: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -153,6 +154,10 @@ class Run:
         checkpoint.restore_rng(state["rng"], self.rng)
         self.metrics = state["metrics"]
         self.position = Position(**state["position"])
+        written = self.run_dir / "metrics.json"
+        if self.position.task == len(self.stream.tasks) and written.is_file():
+            # The last checkpoint precedes the final bookkeeping; metrics.json says whether that happened.
+            self.metrics["run"]["status"] = json.loads(written.read_text())["run"]["status"]
         if self.position.started:
             self._resume_state = {k: state[k] for k in ("optimizer", "scheduler", "scaler")}
         p = self.position

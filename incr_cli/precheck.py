@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra._internal.utils import get_args_parser
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from incr_cli.config import ConfigError, check_config, config_dir, register_schema
+from incr_cli.config import ConfigError, check_config, config_dir, register_schema, to_container
 
 # Flags after which Hydra prints or inspects instead of training.
 INSPECTION_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc",
                     "--version", "--resolve", "-p", "--package"}  # fmt: skip
+
+
+def _hydra_setting(argv: list[str], key: str) -> str | None:
+    for argument in argv:
+        if argument.startswith(f"{key}="):
+            return argument.split("=", 1)[1]
+    return None
 
 
 def job_overrides(argv: list[str]) -> list[list[str]] | None:
@@ -52,7 +62,28 @@ def check_command(argv: list[str]) -> None:
             except (HydraException, OmegaConfBaseException) as error:
                 raise ConfigError(_one_line(error)) from None
             check_config(cfg)
+            if cfg.resume:
+                _check_resumable(argv, cfg)
     GlobalHydra.instance().clear()
+
+
+def _check_resumable(argv: list[str], cfg) -> None:
+    """resume=true needs the run's own folder, and refuses a config that would change its results; checked
+    here because Hydra rewrites the folder's .hydra/ files as soon as it starts."""
+    multirun = "-m" in argv or "--multirun" in argv
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    folder = _hydra_setting(argv, key)
+    if folder is None:
+        raise ConfigError(f"resume=true needs {key}=<the folder of the run to continue> (or: incr resume RUN_DIR)")
+    saved = Path(folder) / ".hydra" / "config.yaml"
+    if multirun or not saved.is_file():
+        return
+    from incr_cli.checkpoint import RESULT_NEUTRAL_KEYS, config_hash
+
+    if config_hash(to_container(OmegaConf.load(saved))) != config_hash(to_container(cfg)):
+        raise ConfigError(
+            f"{folder} was made with a different config; resume may only change: {', '.join(RESULT_NEUTRAL_KEYS)}"
+        )
 
 
 def _unknown_choice(error: MissingConfigException) -> str:

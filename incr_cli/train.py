@@ -36,6 +36,10 @@ def train_job(cfg: DictConfig) -> float:
     except (NonFiniteLoss, CheckpointError) as error:
         run.metrics["run"]["status"] = "failed"
         run.metrics["run"]["error"] = str(error)
+        try:
+            run.write_results()
+        except (OSError, CheckpointError):  # the disk may be what failed
+            pass
         fail(str(error))
         sys.exit(1)
     return metrics["class_il"]["final_average_accuracy"]
