@@ -67,7 +67,9 @@ def atomic_write(path: Path, write: callable) -> None:
     except OSError as error:
         temporary.unlink(missing_ok=True)
         if error.errno == errno.ENOSPC:
-            raise CheckpointError(f"no space left on the device while writing {path}; the previous file is intact") from None
+            raise CheckpointError(
+                f"no space left on the device while writing {path}; the previous file is intact"
+            ) from None
         raise
 
 
@@ -100,7 +102,11 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such checkpoint") from None
     except Exception as error:  # torch raises many types for truncated, foreign or unsafe files
-        reason = "unsafe content refused" if "weights_only" in str(error) or "Unsupported global" in str(error) else "unreadable or truncated"
+        reason = (
+            "unsafe content refused"
+            if "weights_only" in str(error) or "Unsupported global" in str(error)
+            else "unreadable or truncated"
+        )
         raise CheckpointError(f"{path} is not a usable incr checkpoint ({reason})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an incr checkpoint")
@@ -109,7 +115,11 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
 
 def candidates(folder: Path) -> list[Path]:
     """Checkpoints to resume from, newest first: last.pt, then step and task checkpoints by age."""
-    others = sorted((p for p in folder.glob("*.pt") if p.name != "last.pt"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    others = sorted(
+        (p for p in folder.glob("*.pt") if p.name != "last.pt"),
+        key=lambda p: p.stat().st_mtime_ns,
+        reverse=True,
+    )
     last = folder / "last.pt"
     ordered, inodes = [], set()
     for path in ([last] if last.is_file() else []) + others:

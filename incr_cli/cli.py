@@ -43,11 +43,17 @@ def resume(argv: list[str]) -> int:
     new_keys = {_override_key(o) for o in overrides}
     for key in new_keys:
         if key not in RESULT_NEUTRAL_KEYS:
-            fail(f"{key} would change the run's results; resume accepts only: {', '.join(RESULT_NEUTRAL_KEYS)}")
+            fail(
+                f"{key} would change the run's results; resume accepts only: {', '.join(RESULT_NEUTRAL_KEYS)}"
+            )
             return 2
-    original = [o for o in OmegaConf.load(saved) if _override_key(o) not in new_keys | {"resume", "hydra.run.dir"}]
+    original = [
+        o for o in OmegaConf.load(saved) if _override_key(o) not in new_keys | {"resume", "hydra.run.dir"}
+    ]
     # The run's .hydra/ files stay as the original command wrote them.
-    return train([*original, *overrides, "resume=true", f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"])
+    return train(
+        [*original, *overrides, "resume=true", f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"]
+    )
 
 
 def _override_key(override: str) -> str:
@@ -56,7 +62,10 @@ def _override_key(override: str) -> str:
 
 # name -> (function taking the remaining arguments, one-line description)
 SUBCOMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
-    "train": (train, "train a model on a stream of tasks; Hydra overrides, e.g. strategy=replay dataset=digits"),
+    "train": (
+        train,
+        "train a model on a stream of tasks; Hydra overrides, e.g. strategy=replay dataset=digits",
+    ),
     "resume": (resume, "continue a killed run from its last good checkpoint: incr resume RUN_DIR"),
 }
 

@@ -108,7 +108,9 @@ def check_config(cfg: DictConfig, *, check_data: bool = True) -> None:
     """Every check that can fail before a batch is trained; raises ConfigError naming key, value and what is valid."""
     unknown = sorted(set(cfg.keys()) - set(TrainConfig.__dataclass_fields__))
     if unknown:
-        raise ConfigError(f"unknown top-level key '{unknown[0]}'; valid: {', '.join(TrainConfig.__dataclass_fields__)}")
+        raise ConfigError(
+            f"unknown top-level key '{unknown[0]}'; valid: {', '.join(TrainConfig.__dataclass_fields__)}"
+        )
     _check_positive(cfg, "epochs", "batch_size", "eval_batch_size")
     _check_stream(cfg.dataset)
     _check_hardware(cfg.hardware)
@@ -183,7 +185,11 @@ def _check_stream(dataset: DictConfig) -> None:
             )
     else:
         rest = n_classes - initial
-        if not 0 < initial <= n_classes or (n_tasks == 1 and rest) or (n_tasks > 1 and (rest <= 0 or rest % (n_tasks - 1))):
+        if (
+            not 0 < initial <= n_classes
+            or (n_tasks == 1 and rest)
+            or (n_tasks > 1 and (rest <= 0 or rest % (n_tasks - 1)))
+        ):
             raise ConfigError(
                 f"dataset.initial_classes={initial} with n_tasks={n_tasks} does not split {n_classes} classes: "
                 f"the {n_classes} - initial_classes remaining classes must divide into n_tasks - 1 equal tasks"
@@ -198,11 +204,17 @@ def _check_stream(dataset: DictConfig) -> None:
     channels = dataset.input_shape[0]
     for key in ("mean", "std"):
         if len(dataset[key]) not in (1, channels):
-            raise ConfigError(f"dataset.{key}={list(dataset[key])} needs 1 or {channels} values (one per channel)")
+            raise ConfigError(
+                f"dataset.{key}={list(dataset[key])} needs 1 or {channels} values (one per channel)"
+            )
     if any(s <= 0 for s in dataset.std):
         raise ConfigError(f"dataset.std={list(dataset.std)} must be positive")
     augment = dataset.augment
-    if augment.crop_padding < 0 or augment.rotation_degrees < 0 or not math.isfinite(augment.rotation_degrees):
+    if (
+        augment.crop_padding < 0
+        or augment.rotation_degrees < 0
+        or not math.isfinite(augment.rotation_degrees)
+    ):
         raise ConfigError(
             f"dataset.augment crop_padding={augment.crop_padding}, rotation_degrees={augment.rotation_degrees}: "
             "both must be 0 (off) or positive"
@@ -218,7 +230,9 @@ def _check_hardware(hardware: DictConfig) -> None:
         import torch
 
         if not torch.cuda.is_available():
-            raise ConfigError("hardware=gpu (hardware.device=cuda) but no CUDA GPU is visible; use hardware=cpu or auto")
+            raise ConfigError(
+                "hardware=gpu (hardware.device=cuda) but no CUDA GPU is visible; use hardware=cpu or auto"
+            )
 
 
 def _check_model_fits(model: DictConfig, dataset: DictConfig) -> None:

@@ -10,6 +10,7 @@ import resource
 import signal
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,38 @@ class Interrupted(RuntimeError):
         self.signal_number = signal_number
 
 
+class Optimization:
+    """The engine's half of a training step, handed to `Strategy.training_step`: mixed precision, the
+    scaled backward pass with the non-finite guard, and the optimizer step."""
+
+    def __init__(self, optimizer, scaler, hardware: Hardware, on_nonfinite: str, where: Callable[[], str]):
+        self.optimizer, self.scaler, self.hardware = optimizer, scaler, hardware
+        self.on_nonfinite, self.where = on_nonfinite, where
+
+    def autocast(self):
+        return self.hardware.autocast()
+
+    def backward(self, loss: torch.Tensor) -> bool:
+        """Backpropagate `loss`; False when the batch is to be skipped (non-finite, on_nonfinite=skip_batch)."""
+        if not torch.isfinite(loss):
+            if self.on_nonfinite == "skip_batch":
+                log.warning("non-finite loss (%s) at %s: batch skipped", loss.item(), self.where())
+                self.optimizer.zero_grad(set_to_none=True)
+                return False
+            raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at {self.where()}; the last good checkpoint is "
+                                "kept (train.on_nonfinite=skip_batch skips such batches instead)")  # fmt: skip
+        self.scaler.scale(loss).backward()
+        return True
+
+    def step(self) -> None:
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+
 @dataclass
 class Hardware:
     device: torch.device
@@ -63,7 +96,9 @@ def setup_hardware(cfg: DictConfig) -> Hardware:
         torch.set_num_threads(cfg.num_threads)
     cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("hardware=gpu (hardware.device=cuda) but no CUDA GPU is visible; use hardware=cpu or auto")
+        raise ConfigError(
+            "hardware=gpu (hardware.device=cuda) but no CUDA GPU is visible; use hardware=cpu or auto"
+        )
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -116,7 +151,10 @@ class Run:
         self.preprocess = Preprocess(cfg.dataset, self.stream.max_value, device, cfg.hardware.channels_last)
         self.rng = torch.Generator(device=device).manual_seed(cfg.seed)
         self.strategy: Strategy = instantiate(cfg.strategy)
-        self.strategy.setup(Context(self.model, self.stream, self.preprocess, self.rng, device))
+        self.strategy.setup(Context(
+            self.model, self.stream, self.preprocess, self.rng, device, self.make_optimizer,
+            cfg.batch_size, cfg.epochs, cfg.seed,
+        ))  # fmt: skip
         self.checkpoints = run_dir / "checkpoints"
         self.position = Position()
         self.metrics = self._new_metrics()
@@ -194,7 +232,7 @@ class Run:
             self.model.head.grow(seen)
             self.strategy.before_task(task)
             position.started = True
-        optimizer = instantiate(cfg.optimizer, params=self.model.parameters())
+        optimizer = self.make_optimizer(self.model.parameters())
         scheduler = instantiate(cfg.scheduler, optimizer=optimizer) if cfg.scheduler is not None else None
         scaler = self.hardware.grad_scaler()
         if self._resume_state is not None:
@@ -204,7 +242,9 @@ class Run:
             scaler.load_state_dict(self._resume_state["scaler"])
             self._resume_state = None
         indices = self.strategy.training_indices(task)
-        batches = DeviceBatches(self.stream.train_x, self.stream.train_y, indices, cfg.batch_size, cfg.seed, task.id)
+        batches = DeviceBatches(
+            self.stream.train_x, self.stream.train_y, indices, cfg.batch_size, cfg.seed, task.id
+        )
         timing = self.metrics["per_task"][task.id] if task.id < len(self.metrics["per_task"]) else None
         if timing is None:
             timing = {"task": task.id, "train_seconds": 0.0, "samples": 0, "steps": 0}
@@ -212,12 +252,13 @@ class Run:
         self.progress.start_task(task.id, cfg.epochs, task.id)
         log.info("task %d/%d: classes %s, %d training samples",
                  task.id + 1, len(self.stream.tasks), [self.stream.class_names[c] for c in task.classes], len(indices))  # fmt: skip
+        optimization = Optimization(optimizer, scaler, self.hardware, cfg.train.on_nonfinite, self._where)
         self.model.train()
         while position.epoch < cfg.epochs:
             self.progress.start_epoch(position.epoch, len(batches), position.batch)
             tick = time.perf_counter()
             for batch in batches.epoch(position.epoch, start=position.batch):
-                self._step(batch, optimizer, scaler, task, timing)
+                self.strategy.training_step(batch, optimization)
                 position.batch += 1
                 position.step += 1
                 timing["samples"] += len(batch)
@@ -247,21 +288,12 @@ class Run:
         self.write_results()
         self.model.train()
 
-    def _step(self, batch, optimizer, scaler, task, timing) -> None:
-        with self.hardware.autocast():
-            loss = self.strategy.loss(batch)
-        if not torch.isfinite(loss):
-            where = f"task {task.id + 1}, epoch {self.position.epoch + 1}, step {self.position.batch + 1}"
-            if self.cfg.train.on_nonfinite == "skip_batch":
-                log.warning("non-finite loss (%s) at %s: batch skipped", loss.item(), where)
-                optimizer.zero_grad(set_to_none=True)
-                return
-            raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at {where}; the last good checkpoint is kept "
-                                "(train.on_nonfinite=skip_batch skips such batches instead)")  # fmt: skip
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+    def make_optimizer(self, parameters) -> torch.optim.Optimizer:
+        return instantiate(self.cfg.optimizer, params=list(parameters))
+
+    def _where(self) -> str:
+        p = self.position
+        return f"task {p.task + 1}, epoch {p.epoch + 1}, step {p.batch + 1}"
 
     # ----------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -330,7 +362,9 @@ class Run:
         m["parameters"] = sum(p.numel() for p in self.model.parameters())
         m["peak_memory_bytes"] = self._peak_memory()
         step = len(m["class_il"]["accuracy_matrix"])
-        console.print(accuracy_table(m["class_il"]["accuracy_matrix"], f"class-IL accuracy after task {step}"))
+        console.print(
+            accuracy_table(m["class_il"]["accuracy_matrix"], f"class-IL accuracy after task {step}")
+        )
         log.info("task %d: average accuracy %.4f (class-IL), %.4f (task-IL); %.1f s training, %.0f samples/s",
                  step, m["class_il"]["average_accuracy"][-1], m["task_il"]["average_accuracy"][-1],
                  m["per_task"][-1]["train_seconds"], m["per_task"][-1]["samples_per_second"])  # fmt: skip
@@ -349,11 +383,15 @@ class Run:
             return
         header = "after_task," + ",".join(f"task_{j + 1}" for j in range(len(matrix[0])))
         lines = [header] + [f"{i + 1}," + ",".join(f"{v:.6f}" for v in row) for i, row in enumerate(matrix)]
-        checkpoint.atomic_write(self.run_dir / "accuracy_matrix.csv", lambda h: h.write(("\n".join(lines) + "\n").encode()))
+        checkpoint.atomic_write(
+            self.run_dir / "accuracy_matrix.csv", lambda h: h.write(("\n".join(lines) + "\n").encode())
+        )
         if not plots_too:
             return
         title = f"{m['run']['strategy']} on {m['run']['dataset']}, seed {m['run']['seed']}"
-        plots.plot_accuracy_matrix(matrix, self.run_dir / "accuracy_matrix.png", f"class-IL accuracy: {title}")
+        plots.plot_accuracy_matrix(
+            matrix, self.run_dir / "accuracy_matrix.png", f"class-IL accuracy: {title}"
+        )
         curves = {"class-IL": m["class_il"]["average_accuracy"], "task-IL": m["task_il"]["average_accuracy"]}
         plots.plot_average_accuracy(curves, self.run_dir / "average_accuracy.png", title)
 

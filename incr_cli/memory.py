@@ -7,16 +7,21 @@ from torch import Tensor
 
 from incr_cli.data.batches import Batch
 
-SELECTIONS = ("reservoir", "class_balanced")
+SELECTIONS = ("reservoir", "class_balanced", "herding")
 
 
 class Memory:
-    """`size` samples kept across all tasks.
+    """`size` samples kept across all tasks, with optional per-sample extras (e.g. DER's logits).
 
-    - `reservoir` (Vitter 1985, as used for replay by Chaudhry et al. 2019): after n samples have streamed
-      past, each one is in the memory with probability size/n.
-    - `class_balanced`: size // classes-seen slots per class (the remainder to the lowest labels), each
-      filled with a uniform random choice among that class's kept and new samples."""
+    - `reservoir` (Vitter 1985; replay: Chaudhry et al. 2019): after n samples have streamed past, each one
+      is in the memory with probability size/n.
+    - `class_balanced`: size // classes-seen slots per class (the remainder to the lowest labels). A class
+      keeps its samples in arrival order and new samples queue behind them in random order; each class
+      keeps the first samples of its queue that fit its quota.
+    - `herding` (Welling 2009; iCaRL, Rebuffi et al. 2017, Alg. 4): as class_balanced, but a class's new
+      samples queue in herding order: the k-th chosen sample p_k minimises
+      || mu - (1/k) * (phi(p_k) + sum_{j<k} phi(p_j)) || over the unchosen ones, with phi the L2-normalised
+      features and mu their class mean; shrinking a class keeps a prefix (iCaRL, Alg. 5)."""
 
     def __init__(self, size: int = 200, selection: str = "reservoir"):
         if size < 0:
@@ -26,68 +31,120 @@ class Memory:
         self.size, self.selection = size, selection
         self.x: Tensor | None = None
         self.y: Tensor | None = None
+        self.extras: dict[str, Tensor] = {}
         self.n_seen = 0
 
     def __len__(self) -> int:
         return 0 if self.y is None else len(self.y)
 
     @property
-    def nbytes(self) -> int:
-        return 0 if self.y is None else self.x.nbytes + self.y.nbytes
+    def needs_features(self) -> bool:
+        return self.selection == "herding"
 
-    def add(self, x: Tensor, y: Tensor, generator: torch.Generator) -> None:
-        """Offer the samples (in the given order) to the memory."""
+    @property
+    def nbytes(self) -> int:
+        if self.y is None:
+            return 0
+        return self.x.nbytes + self.y.nbytes + sum(t.nbytes for t in self.extras.values())
+
+    def add(self, x: Tensor, y: Tensor, generator: torch.Generator, features: Tensor | None = None, **extras: Tensor) -> None:
+        """Offer samples (in the given order) to the memory, with their extras; herding needs `features`."""
         if self.size == 0 or len(y) == 0:
             return
         if self.x is None:
             self.x, self.y = x[:0].clone(), y[:0].clone()
+            self.extras = {name: value[:0].clone() for name, value in extras.items()}
+        if set(extras) != set(self.extras):
+            raise ValueError(f"memory extras {sorted(self.extras)} cannot take {sorted(extras)}")
         if self.selection == "reservoir":
-            self._reservoir(x, y, generator)
+            self._reservoir(x, y, generator, extras)
         else:
-            self._class_balanced(x, y, generator)
+            if self.selection == "herding" and features is None:
+                raise ValueError("herding selection needs the samples' features")
+            self._per_class(x, y, generator, features, extras)
         self.n_seen += len(y)
 
-    def _reservoir(self, x: Tensor, y: Tensor, generator: torch.Generator) -> None:
+    def _reservoir(self, x: Tensor, y: Tensor, generator: torch.Generator, extras: dict[str, Tensor]) -> None:
         free = max(0, self.size - len(self))
         if free:
             self.x, self.y = torch.cat([self.x, x[:free]]), torch.cat([self.y, y[:free]])
-        rest = torch.arange(free, len(y), device=y.device)
+            self.extras = {k: torch.cat([v, extras[k][:free]]) for k, v in self.extras.items()}
+        rest = torch.arange(min(free, len(y)), len(y), device=y.device)
         if len(rest) == 0:
             return
         # Sample i (0-based over everything seen) draws a slot in [0, i]; it is kept if the slot is < size.
         # Vectorised: when several samples draw the same slot, the latest one wins, as in the sequential loop.
         position = self.n_seen + rest
-        slot = (torch.rand(len(rest), generator=generator, device=y.device) * (position + 1)).long()
+        uniform = torch.rand(len(rest), generator=generator, device=generator.device).to(y.device)
+        slot = (uniform * (position + 1)).long()
         kept = slot < self.size
         winner = torch.full((self.size,), -1, dtype=torch.long, device=y.device)
         winner.scatter_reduce_(0, slot[kept], rest[kept], reduce="amax")
         slots = torch.nonzero(winner >= 0).flatten()
         self.x[slots], self.y[slots] = x[winner[slots]], y[winner[slots]]
+        for name, values in self.extras.items():
+            values[slots] = extras[name][winner[slots]]
 
-    def _class_balanced(self, x: Tensor, y: Tensor, generator: torch.Generator) -> None:
-        all_x, all_y = torch.cat([self.x, x]), torch.cat([self.y, y])
+    def _per_class(self, x, y, generator, features, extras) -> None:
+        new_order = []
+        for label in torch.unique(y).tolist():
+            members = torch.nonzero(y == label).flatten()
+            if features is None:
+                order = torch.randperm(len(members), generator=generator, device=generator.device)
+                new_order.append(members[order.to(members.device)])
+            else:
+                new_order.append(members[herding_order(features[members], limit=self.size)])
+        new_order = torch.cat(new_order)
+        # Old samples first, then the new ones in their queue order; a stable sort by class keeps both orders.
+        all_y = torch.cat([self.y, y[new_order]])
         classes = torch.unique(all_y)
-        quota = torch.full((len(classes),), self.size // len(classes))
+        quota = torch.full((len(classes),), self.size // len(classes), device=all_y.device)
         quota[: self.size % len(classes)] += 1
-        keep = []
-        for label, n in zip(classes.tolist(), quota.tolist(), strict=True):
-            members = torch.nonzero(all_y == label).flatten()
-            order = torch.randperm(len(members), generator=generator, device=generator.device)
-            keep.append(members[order.to(members.device)[:n]])
-        keep = torch.cat(keep)
-        self.x, self.y = all_x[keep], all_y[keep]
+        by_class = torch.sort(all_y, stable=True).indices
+        class_index = torch.searchsorted(classes, all_y[by_class])
+        first_of_class = torch.searchsorted(all_y[by_class], classes)
+        rank = torch.arange(len(by_class), device=all_y.device) - first_of_class[class_index]
+        keep = by_class[rank < quota[class_index]]
+        keep = keep.sort().values  # back to arrival order: old samples, then new ones
+        self.x = torch.cat([self.x, x[new_order]])[keep]
+        self.y = all_y[keep]
+        self.extras = {k: torch.cat([v, extras[k][new_order]])[keep] for k, v in self.extras.items()}
 
-    def sample(self, n: int, generator: torch.Generator) -> Batch:
-        """n samples drawn uniformly: without replacement while the memory holds n or more (as Mammoth's ER)."""
+    def draw(self, n: int, generator: torch.Generator) -> Tensor:
+        """Rows of n samples drawn uniformly: without replacement while the memory holds n or more."""
         if n <= len(self):
             rows = torch.randperm(len(self), generator=generator, device=generator.device)[:n]
         else:
             rows = torch.randint(0, len(self), (n,), generator=generator, device=generator.device)
-        rows = rows.to(self.y.device)
+        return rows.to(self.y.device)
+
+    def batch(self, rows: Tensor) -> Batch:
         return Batch(self.x[rows], self.y[rows])
 
+    def sample(self, n: int, generator: torch.Generator) -> Batch:
+        return self.batch(self.draw(n, generator))
+
     def state_dict(self) -> dict:
-        return {"x": self.x, "y": self.y, "n_seen": self.n_seen}
+        return {"x": self.x, "y": self.y, "extras": dict(self.extras), "n_seen": self.n_seen}
 
     def load_state_dict(self, state: dict) -> None:
         self.x, self.y, self.n_seen = state["x"], state["y"], int(state["n_seen"])
+        self.extras = dict(state.get("extras", {}))
+
+
+def herding_order(features: Tensor, limit: int | None = None) -> Tensor:
+    """Indices of the first `limit` (default: all) `features` rows in herding order (Welling 2009; iCaRL,
+    Rebuffi et al. 2017, Alg. 4)."""
+    phi = torch.nn.functional.normalize(features.float(), dim=1)
+    mean = phi.mean(0)
+    chosen = torch.zeros(len(phi), dtype=torch.bool, device=phi.device)
+    running = torch.zeros_like(mean)
+    order = []
+    for k in range(1, min(len(phi), limit or len(phi)) + 1):
+        distance = (mean - (running + phi) / k).norm(dim=1)
+        distance[chosen] = float("inf")
+        pick = int(distance.argmin())
+        order.append(pick)
+        chosen[pick] = True
+        running += phi[pick]
+    return torch.tensor(order, device=features.device)

@@ -78,7 +78,9 @@ def precision_recall_f1(confusion: torch.Tensor) -> dict[str, float]:
     precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), torch.zeros_like(tp))
     recall = torch.where(actual > 0, tp / actual.clamp(min=1), torch.zeros_like(tp))
     denominator = precision + recall
-    f1 = torch.where(denominator > 0, 2 * precision * recall / denominator.clamp(min=1e-12), torch.zeros_like(tp))
+    f1 = torch.where(
+        denominator > 0, 2 * precision * recall / denominator.clamp(min=1e-12), torch.zeros_like(tp)
+    )
     return {"precision": precision.mean().item(), "recall": recall.mean().item(), "f1": f1.mean().item()}
 
 

@@ -74,7 +74,9 @@ def _check_resumable(argv: list[str], cfg) -> None:
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     folder = _hydra_setting(argv, key)
     if folder is None:
-        raise ConfigError(f"resume=true needs {key}=<the folder of the run to continue> (or: incr resume RUN_DIR)")
+        raise ConfigError(
+            f"resume=true needs {key}=<the folder of the run to continue> (or: incr resume RUN_DIR)"
+        )
     saved = Path(folder) / ".hydra" / "config.yaml"
     if multirun or not saved.is_file():
         return
@@ -100,5 +102,9 @@ def _one_line(error: BaseException) -> str:
     if cause is not None and str(cause) and str(cause) not in text:
         text = f"{text}: {cause}"
     # OmegaConf appends 'full_key: ..., object_type=...' lines; the first lines say what is wrong.
-    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("object_type")]
+    lines = [
+        line.strip()
+        for line in text.splitlines()
+        if line.strip() and not line.strip().startswith("object_type")
+    ]
     return " ".join(lines)

@@ -17,7 +17,9 @@ def _conv_stack(in_channels: int, channels: list[int], convs_per_pool: int) -> t
 
 
 class _ConvFC(nn.Module):
-    def __init__(self, input_shape, input_size: int, channels: list[int], hidden_size: int, convs_per_pool: int):
+    def __init__(
+        self, input_shape, input_size: int, channels: list[int], hidden_size: int, convs_per_pool: int
+    ):
         super().__init__()
         self.convs, n_pools = _conv_stack(input_shape[0], list(channels), convs_per_pool)
         side = input_size // 2**n_pools
@@ -34,7 +36,9 @@ class ConvNet(_ConvFC):
     """Two 3x3 conv layers, each followed by 2x2 max-pooling, then a hidden fully connected layer; the
     classifier head is the second fully connected layer. Made for 28x28 inputs."""
 
-    def __init__(self, input_shape, input_size: int = 28, channels: list[int] = (32, 64), hidden_size: int = 256):
+    def __init__(
+        self, input_shape, input_size: int = 28, channels: list[int] = (32, 64), hidden_size: int = 256
+    ):
         super().__init__(input_shape, input_size, channels, hidden_size, convs_per_pool=1)
 
 
@@ -43,6 +47,10 @@ class CifarCNN(_ConvFC):
     connected layer and the classifier head: the CIFAR network of Zenke et al. 2017 (SI). Made for 32x32."""
 
     def __init__(
-        self, input_shape, input_size: int = 32, channels: list[int] = (32, 32, 64, 64), hidden_size: int = 512
+        self,
+        input_shape,
+        input_size: int = 32,
+        channels: list[int] = (32, 32, 64, 64),
+        hidden_size: int = 512,
     ):
         super().__init__(input_shape, input_size, channels, hidden_size, convs_per_pool=2)

@@ -22,7 +22,9 @@ class BasicBlock(nn.Module):
         self.zero_pad_shortcut = zero_pad_shortcut
         self.projection = None
         if not zero_pad_shortcut and (stride != 1 or in_planes != planes):
-            self.projection = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+            self.projection = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+            )
 
     def shortcut(self, x: Tensor) -> Tensor:
         if self.projection is not None:
@@ -41,7 +43,9 @@ class _CifarResNet(nn.Module):
     def __init__(self, in_channels: int, widths: list[int], blocks: list[int], zero_pad_shortcut: bool):
         super().__init__()
         self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)
+            nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(inplace=True),
         )
         stages, in_planes = [], widths[0]
         for i, (planes, n_blocks) in enumerate(zip(widths, blocks, strict=True)):

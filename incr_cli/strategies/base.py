@@ -2,12 +2,15 @@
 
 The engine owns the loop, the optimizer step, mixed precision and checkpoints. A method overrides the hooks
 it needs, in the order they run: `before_task`, `training_indices`, per batch `loss` (or `training_step`
-for methods that change the update itself), `after_task`, and `predict` for methods that classify
-differently. Everything it remembers between tasks goes through `state_dict`, so resume is exact."""
+for methods that change the update itself, such as GEM or MER), `after_task`, and `predict` for methods
+that classify differently. Everything it remembers between tasks goes through `state_dict`, so resume is
+exact: tensors, numbers, strings, lists and dicts only (checkpoints load with `weights_only=True`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +19,9 @@ from torch import Tensor
 from incr_cli.data.batches import Batch, Preprocess
 from incr_cli.data.stream import Stream, Task
 from incr_cli.models.head import IncrementalNet
+
+if TYPE_CHECKING:
+    from incr_cli.engine import Optimization
 
 
 @dataclass
@@ -27,6 +33,12 @@ class Context:
     preprocess: Preprocess
     rng: torch.Generator  # on the training device; its state is checkpointed
     device: torch.device
+    make_optimizer: Callable[
+        [Iterable[torch.nn.Parameter]], torch.optim.Optimizer
+    ]  # the run's optimizer config
+    batch_size: int
+    epochs: int
+    seed: int
 
 
 class Strategy:
@@ -50,6 +62,15 @@ class Strategy:
 
     def loss(self, batch: Batch) -> Tensor:
         return F.cross_entropy(self.logits(batch), batch.y)
+
+    def training_step(self, batch: Batch, optimization: Optimization) -> Tensor:
+        """One update from one batch. Methods that change the update (projected or meta-learned gradients)
+        override this; `optimization` does the scaled backward, the non-finite check and the step."""
+        with optimization.autocast():
+            loss = self.loss(batch)
+        if optimization.backward(loss):
+            optimization.step()
+        return loss.detach()
 
     def after_task(self, task: Task) -> None:
         """Called after the task's last epoch, before evaluation."""

@@ -29,7 +29,9 @@ class Replay(Strategy):
         return F.cross_entropy(self.logits(batch), batch.y)
 
     def after_task(self, task: Task) -> None:
-        self.memory.add(self.stream.train_x[task.train_index], self.stream.train_y[task.train_index], self.rng)
+        self.memory.add(
+            self.stream.train_x[task.train_index], self.stream.train_y[task.train_index], self.rng
+        )
 
     @property
     def memory_samples(self) -> int:
