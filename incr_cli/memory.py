@@ -47,7 +47,14 @@ class Memory:
             return 0
         return self.x.nbytes + self.y.nbytes + sum(t.nbytes for t in self.extras.values())
 
-    def add(self, x: Tensor, y: Tensor, generator: torch.Generator, features: Tensor | None = None, **extras: Tensor) -> None:
+    def add(
+        self,
+        x: Tensor,
+        y: Tensor,
+        generator: torch.Generator,
+        features: Tensor | None = None,
+        **extras: Tensor,
+    ) -> None:
         """Offer samples (in the given order) to the memory, with their extras; herding needs `features`."""
         if self.size == 0 or len(y) == 0:
             return

@@ -1,0 +1,110 @@
+"""Mini-batches cut from device-resident tensors, and batched preprocessing and augmentation on the device."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import Tensor
+
+
+@dataclass
+class Batch:
+    """Raw uint8 images and their labels; strategies join replayed samples before preprocessing."""
+
+    x: Tensor
+    y: Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def join(self, other: Batch) -> Batch:
+        return Batch(torch.cat([self.x, other.x]), torch.cat([self.y, other.y]))
+
+
+class DeviceBatches:
+    """Shuffled mini-batches of `index` into tensors that already live on the training device.
+
+    Each epoch's order comes from a generator seeded by (seed, task, epoch) alone, so a run resumed in the
+    middle of an epoch cuts exactly the batches the uninterrupted run would have cut."""
+
+    def __init__(self, x: Tensor, y: Tensor, index: Tensor, batch_size: int, seed: int, task_id: int):
+        self.x, self.y, self.index = x, y, index
+        self.batch_size, self.seed, self.task_id = batch_size, seed, task_id
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.index) / self.batch_size)
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_000 + self.task_id * 1_000 + epoch)
+        order = self.index[torch.randperm(len(self.index), generator=generator).to(self.index.device)]
+        for first in range(start * self.batch_size, len(order), self.batch_size):
+            rows = order[first : first + self.batch_size]
+            yield Batch(self.x[rows], self.y[rows])
+
+
+def eval_batches(x: Tensor, batch_size: int) -> Iterator[Tensor]:
+    for first in range(0, len(x), batch_size):
+        yield x[first : first + batch_size]
+
+
+class Preprocess:
+    """uint8 -> float in [0, 1] -> normalised, with optional augmentation, all as batched tensor ops."""
+
+    def __init__(
+        self, dataset: DictConfig, max_value: int, device: torch.device, channels_last: bool = False
+    ):
+        channels = dataset.input_shape[0]
+        self.scale = 1.0 / max_value
+        mean = torch.tensor(list(dataset.mean) if dataset.normalize else [0.0], dtype=torch.float32)
+        std = torch.tensor(list(dataset.std) if dataset.normalize else [1.0], dtype=torch.float32)
+        self.mean = mean.expand(channels).reshape(1, channels, 1, 1).to(device)
+        self.std = std.expand(channels).reshape(1, channels, 1, 1).to(device)
+        self.crop_padding = int(dataset.augment.crop_padding)
+        self.flip = bool(dataset.augment.horizontal_flip)
+        self.rotation = float(dataset.augment.rotation_degrees)
+        self.channels_last = channels_last
+
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Evaluation transform without a generator; with one, the training transform (augmentation)."""
+        x = x.float() * self.scale
+        if generator is not None:
+            if self.crop_padding:
+                x = random_crop(x, self.crop_padding, generator)
+            if self.flip:
+                x = random_flip(x, generator)
+            if self.rotation:
+                x = random_rotation(x, self.rotation, generator)
+        x = (x - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+def random_crop(x: Tensor, padding: int, generator: torch.Generator) -> Tensor:
+    """Zero-pad by `padding` and cut a random HxW window per image (the CIFAR crop of He et al. 2016)."""
+    n, c, h, w = x.shape
+    padded = F.pad(x, (padding, padding, padding, padding))
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=x.device)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=x.device)
+    rows = (torch.arange(h, device=x.device) + dy[:, None])[:, None, :, None]
+    cols = (torch.arange(w, device=x.device) + dx[:, None])[:, None, None, :]
+    samples = torch.arange(n, device=x.device)[:, None, None, None]
+    channels = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[samples, channels, rows, cols]
+
+
+def random_flip(x: Tensor, generator: torch.Generator) -> Tensor:
+    flip = torch.rand(len(x), generator=generator, device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def random_rotation(x: Tensor, degrees: float, generator: torch.Generator) -> Tensor:
+    """Rotate each image by an angle drawn uniformly from [-degrees, degrees], bilinear, zeros outside."""
+    angle = (torch.rand(len(x), generator=generator, device=x.device) * 2 - 1) * math.radians(degrees)
+    cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
