@@ -76,6 +76,18 @@ class Strategy:
         """Called after the task's last epoch, before evaluation."""
 
     @torch.no_grad()
+    def features(self, x: Tensor, batch_size: int = 1000) -> Tensor:
+        """Backbone features of raw uint8 images (evaluation transform, eval mode), e.g. for herding."""
+        was_training = self.model.training
+        self.model.eval()
+        chunks = [
+            self.model.backbone(self.context.preprocess(x[i : i + batch_size]))
+            for i in range(0, len(x), batch_size)
+        ]
+        self.model.train(was_training)
+        return torch.cat(chunks).float()
+
+    @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
         """Scores for every class of the stream (future classes included) of preprocessed inputs."""
         return self.model.forward_all(x)
