@@ -29,9 +29,8 @@ class Replay(Strategy):
         return F.cross_entropy(self.logits(batch), batch.y)
 
     def after_task(self, task: Task) -> None:
-        self.memory.add(
-            self.stream.train_x[task.train_index], self.stream.train_y[task.train_index], self.rng
-        )
+        x, y = self.stream.train_x[task.train_index], self.stream.train_y[task.train_index]
+        self.memory.add(x, y, self.rng, features=self.features(x) if self.memory.needs_features else None)
 
     @property
     def memory_samples(self) -> int:
