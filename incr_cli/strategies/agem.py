@@ -1,0 +1,112 @@
+"""Averaged GEM: one constraint, the gradient on a random sample of the whole episodic memory."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from incr_cli.data.batches import Batch
+from incr_cli.data.stream import Task
+from incr_cli.strategies import gradients
+from incr_cli.strategies.base import Strategy
+
+if TYPE_CHECKING:
+    from incr_cli.engine import Optimization
+
+
+def agem_projection(gradient: Tensor, reference: Tensor) -> Tensor:
+    """A-GEM's update (Chaudhry et al. 2019, eq. 11): g itself when <g, g_ref> >= 0, otherwise
+    g - (<g, g_ref> / <g_ref, g_ref>) g_ref, the closest vector to g with <g~, g_ref> >= 0 (it lies on the
+    hyperplane <g~, g_ref> = 0)."""
+    dot = gradient @ reference
+    if dot >= 0:
+        return gradient
+    return gradient - (dot / (reference @ reference)) * reference
+
+
+class AGEM(Strategy):
+    """Averaged Gradient Episodic Memory (Chaudhry, Ranzato, Rohrbach and Elhoseiny 2019, "Efficient
+    Lifelong Learning with A-GEM", Sec. 4).
+
+    GEM asks that the loss of every past task k, measured on its memory, does not increase. A-GEM asks only
+    that the average memory loss does not: at every step it draws a random sample of `sample_size` samples
+    from the whole episodic memory (all past tasks together), takes the gradient g_ref of their loss
+    (class-IL: cross-entropy over all the classes seen so far) and the gradient g of the current batch's
+    loss, and solves  min_g~ 1/2 ||g - g~||^2  subject to  <g~, g_ref> >= 0  (eq. 10), whose solution in
+    closed form (eq. 11) is g~ = g - (<g, g_ref> / <g_ref, g_ref>) g_ref when <g, g_ref> < 0 and g
+    otherwise. One extra forward and backward pass per step, whatever the number of tasks; no QP.
+
+    Memory: `patterns_per_task` samples of each finished task, drawn uniformly at random from its training
+    set (as Avalanche's A-GEM, P2's reference, does). The sample is drawn without replacement, or is the
+    whole memory while that holds fewer than `sample_size` samples.
+
+    The head grows at each task, so g_ref is recomputed from the memory at every step. Under float16 loss
+    scaling g and g_ref carry the same scale s, and scaling both by s scales the update by s: the scaled
+    update is the scaled projection, with no unscaling.
+
+    Defaults: patterns_per_task 100 and sample_size 256, protocol P2's settings (Avalanche's A-GEM with
+    patterns_per_exp=100, sample_size=256)."""
+
+    def __init__(self, patterns_per_task: int = 100, sample_size: int = 256):
+        if patterns_per_task < 1:
+            raise ValueError(f"patterns_per_task must be at least 1, got {patterns_per_task}")
+        if sample_size < 1:
+            raise ValueError(f"sample_size must be at least 1, got {sample_size}")
+        self.patterns_per_task = patterns_per_task
+        self.sample_size = sample_size
+        self.memory_x: Tensor | None = None  # raw uint8 samples of every finished task
+        self.memory_y: Tensor | None = None
+
+    def training_step(self, batch: Batch, optimization: Optimization) -> Tensor:
+        if self.memory_y is None:
+            return super().training_step(batch, optimization)
+        parameters = gradients.trainable(self.model)
+        with optimization.autocast():
+            loss = self.loss(batch)
+        current = gradients.gradient_of(loss, parameters, optimization)
+        if current is None:
+            return loss.detach()
+        order = torch.randperm(len(self.memory_y), generator=self.rng, device=self.rng.device)
+        rows = order[: self.sample_size].to(self.memory_y.device)
+        sample = Batch(self.memory_x[rows], self.memory_y[rows])
+        with optimization.autocast():
+            memory_loss = F.cross_entropy(self.logits(sample), sample.y)
+        reference = gradients.gradient_of(memory_loss, parameters, optimization)
+        if reference is None:
+            return loss.detach()
+        # One non-finite value in g or in g_ref makes their dot product non-finite.
+        if torch.isfinite(current @ reference):
+            update = agem_projection(current, reference)
+        else:
+            # A float16 overflow in one of the scaled backward passes: hand the GradScaler a non-finite
+            # gradient, so that it skips this step and lowers the scale as for an overflow of the loss.
+            update = current + reference
+        gradients.write(parameters, update)
+        optimization.step()
+        return loss.detach()
+
+    def after_task(self, task: Task) -> None:
+        chosen = torch.randperm(len(task.train_index), generator=self.rng, device=self.rng.device)
+        index = task.train_index[chosen[: self.patterns_per_task].to(task.train_index.device)]
+        x, y = self.stream.train_x[index], self.stream.train_y[index]
+        if self.memory_y is None:
+            self.memory_x, self.memory_y = x, y
+        else:
+            self.memory_x, self.memory_y = torch.cat([self.memory_x, x]), torch.cat([self.memory_y, y])
+
+    @property
+    def memory_samples(self) -> int:
+        return 0 if self.memory_y is None else len(self.memory_y)
+
+    @property
+    def memory_bytes(self) -> int:
+        return 0 if self.memory_y is None else self.memory_x.nbytes + self.memory_y.nbytes
+
+    def state_dict(self) -> dict:
+        return {"memory_x": self.memory_x, "memory_y": self.memory_y}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.memory_x, self.memory_y = state["memory_x"], state["memory_y"]
