@@ -132,6 +132,7 @@ def check_config(cfg: DictConfig, *, check_data: bool = True) -> None:
         if memory.get("size", 0) < 0:
             raise ConfigError(f"strategy.memory.size={memory.size} must be 0 or more")
         _check_choice("strategy.memory.selection", memory.get("selection", "reservoir"), SELECTIONS)
+    _check_builds("strategy", cfg.strategy)
     if check_data:
         from incr_cli.data.sources import check_available
 
@@ -159,6 +160,18 @@ def check_target(key: str, node: DictConfig) -> None:
     for k in given:
         if isinstance(node[k], DictConfig) and "_target_" in node[k]:
             check_target(f"{key}.{k}", node[k])
+
+
+def _check_builds(key: str, node: DictConfig) -> None:
+    """Build the object once (cheap: no data) so that its own checks of its values speak before training."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        instantiate(node)
+    except InstantiationException as error:
+        cause = error.__cause__ if error.__cause__ is not None else error
+        raise ConfigError(f"{key}: {cause}".splitlines()[0]) from None
 
 
 def _check_positive(cfg: DictConfig, *keys: str) -> None:

@@ -210,3 +210,12 @@ def test_a_key_can_be_removed_then_added_back(capsys, tmp_path):
                                   "+strategy.memory.selection=class_balanced", "--cfg", "job")  # fmt: skip
     assert status == 0, err
     assert yaml.safe_load(out)["strategy"]["memory"]["selection"] == "class_balanced"
+
+
+def test_a_strategy_knob_its_class_refuses_is_a_one_line_error_before_training(capsys, tmp_path):
+    run = tmp_path / "run"
+    status, _, err = in_process(capsys, "train", "strategy=gem", "strategy.patterns_per_task=0",
+                                f"hydra.run.dir={run}")  # fmt: skip
+    assert status == 2
+    assert err.strip() == "error: strategy: patterns_per_task must be at least 1, got 0"
+    assert not run.exists()
