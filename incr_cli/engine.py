@@ -275,7 +275,9 @@ class Run:
                 scheduler.step()
             position.epoch += 1
             position.batch = 0
-        self.strategy.after_task(task)
+        tick = time.perf_counter()
+        self.strategy.after_task(task)  # counted as training: GDumb trains here, memories are filled here
+        timing["train_seconds"] += time.perf_counter() - tick
         tick = time.perf_counter()
         class_il, task_il, final = self.evaluate(n_seen=seen)
         timing["eval_seconds"] = time.perf_counter() - tick
