@@ -210,3 +210,11 @@ def test_rerunning_a_killed_sweep_with_resume_finishes_it_and_skips_finished_job
         reference, ["strategy=finetune", "epochs=1", "hardware.num_threads=1", "hardware.deterministic=true"]
     )
     assert_same_run(jobs[0], reference)
+
+
+def test_nonfinite_loss_with_skip_batch_skips_the_batch_and_finishes(tmp_path):
+    run_dir = tmp_path / "run"
+    assert main(["train", "optimizer.lr=1e30", "train.on_nonfinite=skip_batch", "epochs=1", "progress=false",
+                 f"hydra.run.dir={run_dir}"]) == 0  # fmt: skip
+    assert "batch skipped" in (run_dir / "train.log").read_text()
+    assert json.loads((run_dir / "metrics.json").read_text())["run"]["status"] == "finished"

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from incr_cli.data.batches import Batch, Preprocess
 from incr_cli.data.stream import Stream, Task
+from incr_cli.memory import Memory
 from incr_cli.models.head import IncrementalNet
 
 if TYPE_CHECKING:
@@ -92,16 +93,21 @@ class Strategy:
         """Scores for every class of the stream (future classes included) of preprocessed inputs."""
         return self.model.forward_all(x)
 
+    # A method with a replay memory sets `self.memory`; its size and its contents are then reported and
+    # checkpointed here. Methods with more state extend state_dict / load_state_dict and call these.
+    memory: Memory | None = None
+
     @property
     def memory_samples(self) -> int:
-        return 0
+        return 0 if self.memory is None else len(self.memory)
 
     @property
     def memory_bytes(self) -> int:
-        return 0
+        return 0 if self.memory is None else self.memory.nbytes
 
     def state_dict(self) -> dict:
-        return {}
+        return {} if self.memory is None else {"memory": self.memory.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        if self.memory is not None:
+            self.memory.load_state_dict(state["memory"])

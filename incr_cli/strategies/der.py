@@ -98,17 +98,3 @@ class DarkExperienceReplay(Strategy):
             stored = logits[: len(batch)].detach().float()
             self.memory.add(batch.x, batch.y, self.rng, features=features, logits=stored)
         return loss.detach()
-
-    @property
-    def memory_samples(self) -> int:
-        return len(self.memory)
-
-    @property
-    def memory_bytes(self) -> int:
-        return self.memory.nbytes
-
-    def state_dict(self) -> dict:
-        return {"memory": self.memory.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.memory.load_state_dict(state["memory"])

@@ -96,23 +96,15 @@ class ERACE(Strategy):
             self.to_offer -= len(y)
         return loss
 
-    @property
-    def memory_samples(self) -> int:
-        return len(self.memory)
-
-    @property
-    def memory_bytes(self) -> int:
-        return self.memory.nbytes
-
     def state_dict(self) -> dict:
         return {
-            "memory": self.memory.state_dict(),
+            **super().state_dict(),
             "seen": self.seen,
             "task_id": self.task_id,
             "to_offer": self.to_offer,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.memory.load_state_dict(state["memory"])
+        super().load_state_dict(state)
         self.seen = state["seen"].to(self.seen.device)
         self.task_id, self.to_offer = int(state["task_id"]), int(state["to_offer"])

@@ -141,20 +141,6 @@ class GDumb(Strategy):
                 optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    @property
-    def memory_samples(self) -> int:
-        return len(self.memory)
-
-    @property
-    def memory_bytes(self) -> int:
-        return self.memory.nbytes
-
-    def state_dict(self) -> dict:
-        return {"memory": self.memory.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.memory.load_state_dict(state["memory"])
-
 
 @torch.no_grad()
 def reset_linear(weight: nn.Parameter, bias: nn.Parameter) -> None:

@@ -132,20 +132,6 @@ class ImportanceReplay(Strategy):
         memory.x, memory.y, memory.extras = x[keep], y[keep], {"score": scores[keep]}
         memory.n_seen += offered
 
-    @property
-    def memory_samples(self) -> int:
-        return len(self.memory)
-
-    @property
-    def memory_bytes(self) -> int:
-        return self.memory.nbytes
-
-    def state_dict(self) -> dict:
-        return {"memory": self.memory.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.memory.load_state_dict(state["memory"])
-
 
 def gradient_norm(logits: Tensor, y: Tensor) -> Tensor:
     """|| d CE(z, y) / d z ||_2 per sample, in closed form: || softmax(z) - onehot(y) ||_2."""

@@ -135,19 +135,11 @@ class MER(Strategy):
         optimization.zero_grad()
         return loss.detach()
 
-    @property
-    def memory_samples(self) -> int:
-        return len(self.memory)
-
-    @property
-    def memory_bytes(self) -> int:
-        return self.memory.nbytes
-
     def state_dict(self) -> dict:
-        return {"memory": self.memory.state_dict(), "offered": self.offered, "task_size": self.task_size}
+        return {**super().state_dict(), "offered": self.offered, "task_size": self.task_size}
 
     def load_state_dict(self, state: dict) -> None:
-        self.memory.load_state_dict(state["memory"])
+        super().load_state_dict(state)
         self.offered, self.task_size = int(state["offered"]), int(state["task_size"])
 
 

@@ -31,17 +31,3 @@ class Replay(Strategy):
     def after_task(self, task: Task) -> None:
         x, y = self.stream.train_x[task.train_index], self.stream.train_y[task.train_index]
         self.memory.add(x, y, self.rng, features=self.features(x) if self.memory.needs_features else None)
-
-    @property
-    def memory_samples(self) -> int:
-        return len(self.memory)
-
-    @property
-    def memory_bytes(self) -> int:
-        return self.memory.nbytes
-
-    def state_dict(self) -> dict:
-        return {"memory": self.memory.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.memory.load_state_dict(state["memory"])
