@@ -63,13 +63,17 @@ class Memory:
             self.extras = {name: value[:0].clone() for name, value in extras.items()}
         if set(extras) != set(self.extras):
             raise ValueError(f"memory extras {sorted(self.extras)} cannot take {sorted(extras)}")
+        self._select(x, y, generator, features, extras)
+        self.n_seen += len(y)
+
+    def _select(self, x, y, generator, features, extras) -> None:
+        """Decide which of the stored and offered samples stay; a memory with its own rule overrides this."""
         if self.selection == "reservoir":
             self._reservoir(x, y, generator, extras)
         else:
             if self.selection == "herding" and features is None:
                 raise ValueError("herding selection needs the samples' features")
             self._per_class(x, y, generator, features, extras)
-        self.n_seen += len(y)
 
     def _reservoir(self, x: Tensor, y: Tensor, generator: torch.Generator, extras: dict[str, Tensor]) -> None:
         free = max(0, self.size - len(self))

@@ -27,22 +27,8 @@ class GreedyClassBalancedMemory(Memory):
         super().__init__(size, selection="class_balanced")
         self.selection = "greedy_class_balanced"
 
-    def add(
-        self,
-        x: Tensor,
-        y: Tensor,
-        generator: torch.Generator,
-        features: Tensor | None = None,
-        **extras: Tensor,
-    ) -> None:
-        """Offer samples to the memory, in the given order (`features` is unused)."""
-        if self.size == 0 or len(y) == 0:
-            return
-        if self.x is None:
-            self.x, self.y = x[:0].clone(), y[:0].clone()
-            self.extras = {name: value[:0].clone() for name, value in extras.items()}
-        if set(extras) != set(self.extras):
-            raise ValueError(f"memory extras {sorted(self.extras)} cannot take {sorted(extras)}")
+    def _select(self, x, y, generator, features, extras) -> None:
+        """The greedy rule, over the samples in the given order (`features` is unused)."""
         n_old = len(self)
         # Rows of each class, old rows numbered 0..n_old-1 and offered ones n_old + i; classes in label order
         # first, then in order of arrival (the tie-break of the largest class).
@@ -72,7 +58,6 @@ class GreedyClassBalancedMemory(Memory):
         self.x = torch.cat([self.x[old], x[new]])
         self.y = torch.cat([self.y[old], y[new]])
         self.extras = {k: torch.cat([v[old], extras[k][new]]) for k, v in self.extras.items()}
-        self.n_seen += len(y)
 
 
 class GDumb(Strategy):
