@@ -34,9 +34,8 @@ class Context:
     preprocess: Preprocess
     rng: torch.Generator  # on the training device; its state is checkpointed
     device: torch.device
-    make_optimizer: Callable[
-        [Iterable[torch.nn.Parameter]], torch.optim.Optimizer
-    ]  # the run's optimizer config
+    # builds the run's optimizer (its config group) over the given parameters
+    make_optimizer: Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
     batch_size: int
     epochs: int
     seed: int
