@@ -57,6 +57,8 @@ class Optimization:
 
     def backward(self, loss: torch.Tensor) -> bool:
         """Backpropagate `loss`; False when the batch is to be skipped (non-finite, on_nonfinite=skip_batch)."""
+        # One scalar read per step (a host sync on a GPU): the price of naming the exact step and of
+        # skipping a batch before it touches the weights.
         if not torch.isfinite(loss):
             if self.on_nonfinite == "skip_batch":
                 log.warning("non-finite loss (%s) at %s: batch skipped", loss.item(), self.where())
