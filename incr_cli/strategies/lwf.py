@@ -1,0 +1,91 @@
+"""Learning without Forgetting (LwF): distil the previous model's outputs on the old classes."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from incr_cli.data.batches import Batch
+from incr_cli.data.stream import Task
+from incr_cli.models.head import IncrementalNet
+from incr_cli.strategies.base import Strategy
+
+
+def distillation_loss(logits: Tensor, old_logits: Tensor, temperature: float) -> Tensor:
+    """T^2 * KL(softmax(old / T) || softmax(new / T)), averaged over the batch, in float32.
+
+    `logits` and `old_logits` hold the same (old) classes, one row per sample."""
+    log_p = F.log_softmax(logits.float() / temperature, dim=1)
+    q = F.softmax(old_logits.float() / temperature, dim=1)
+    return temperature**2 * F.kl_div(log_p, q, reduction="batchmean")
+
+
+class LearningWithoutForgetting(Strategy):
+    """LwF (Li and Hoiem 2016, "Learning without Forgetting", ECCV 2016; TPAMI 2018).
+
+    At the start of every task after the first, a frozen copy of the network as it ended the previous task
+    (deep copy, eval mode) records its responses y_o to the new task's inputs. Each step minimises
+
+        L = CE(f(x)[:, :seen], y) + alpha * T^2 * KL(softmax(y_o / T) || softmax(f(x)[:, :old] / T))
+
+    with `seen` the classes seen so far, `old` those of the previous tasks, both models fed the same
+    (augmented) input. The paper's old-task term is a modified cross-entropy, -sum_i y'_o,i log y'_i with
+    y' = softmax(y / T); this KL is that cross-entropy minus the entropy of the old model's soft targets, a
+    constant, so the gradients are the same and the reported loss is 0 when the outputs agree. The T^2 factor
+    (Hinton et al. 2015, "Distilling the Knowledge in a Neural Network") keeps the term's gradient scale
+    independent of T; the paper has no such factor, so its lambda_o = 1 corresponds to alpha = 1 / T^2 here.
+
+    Defaults: T = 2, the paper's ("we set T = 2", Sec. 3); alpha = 1, the paper's lambda_o = 1 and protocol
+    P2's setting (alpha 1, temperature 2). One head grows with the classes, as in this project; the paper's
+    warm-up step (training only the new head first) is left out, as in Avalanche's and Mammoth's LwF.
+
+    The frozen copy's weights go through `state_dict`, so resume is exact."""
+
+    def __init__(self, alpha: float = 1.0, temperature: float = 2.0):
+        if alpha < 0 or temperature <= 0:
+            raise ValueError(f"LwF needs alpha >= 0 and temperature > 0, got {alpha=}, {temperature=}")
+        self.alpha, self.temperature = float(alpha), float(temperature)
+        self.old_model: IncrementalNet | None = None
+        self.old_classes = 0
+
+    def before_task(self, task: Task) -> None:
+        # The head has already grown: its trained rows are unchanged, so the copy's first `old_classes`
+        # outputs are exactly those of the network at the end of the previous task.
+        self.old_classes = self.model.head.n_classes - len(task.classes)
+        self.old_model = self._frozen(self.model.state_dict()) if self.old_classes > 0 else None
+
+    def _frozen(self, weights: dict) -> IncrementalNet:
+        old = copy.deepcopy(self.model)
+        old.load_state_dict(weights)
+        old.eval()
+        for parameter in old.parameters():
+            parameter.requires_grad_(False)
+        return old
+
+    def loss(self, batch: Batch) -> Tensor:
+        x = self.context.preprocess(batch.x, self.rng)
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, batch.y)
+        if self.old_model is not None and self.alpha:
+            with torch.no_grad():
+                old_logits = self.old_model(x)[:, : self.old_classes]
+            loss = loss + self.alpha * distillation_loss(
+                logits[:, : self.old_classes], old_logits, self.temperature
+            )
+        return loss
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["old_classes"] = self.old_classes
+        if self.old_model is not None:
+            state["old_model"] = {k: v.detach().clone() for k, v in self.old_model.state_dict().items()}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        # The engine loads the model first: its deep copy has the right structure and device.
+        super().load_state_dict(state)
+        self.old_classes = int(state.get("old_classes", 0))
+        self.old_model = self._frozen(state["old_model"]) if "old_model" in state else None
