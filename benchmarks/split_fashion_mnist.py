@@ -305,7 +305,9 @@ def write_section(path: Path, section: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (P2: 0,1,2)")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from: {','.join(METHODS)}")
+    parser.add_argument(
+        "--methods", default=",".join(METHODS), help=f"comma-separated, from: {','.join(METHODS)}"
+    )
     parser.add_argument("--out", type=Path, default=None,
                         help="where the incr sweeps go (default: outputs/benchmarks/p2/<date_time>/)")  # fmt: skip
     parser.add_argument("--write", nargs="?", type=Path, const=DOCS, default=None, metavar="PAGE",

@@ -1,0 +1,91 @@
+"""Memory Aware Synapses (MAS): importance from the sensitivity of the network's output, no labels needed."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from incr_cli.data.batches import Batch
+from incr_cli.data.stream import Task
+from incr_cli.strategies.base import Strategy
+from incr_cli.strategies.ewc import pad_rows, quadratic_penalty
+
+
+class MemoryAwareSynapses(Strategy):
+    """MAS (Aljundi, Babiloni, Elhoseiny, Rohrbach and Tuytelaars 2018, "Memory Aware Synapses: Learning what
+    (not) to forget", ECCV 2018).
+
+    At the end of each task, the importance of parameter i is (eq. 2 and 3 with the squared l2 norm of the
+    output, the paper's global version)
+
+        Omega_i = mean_k | d ||f(x_k)||_2^2 / d theta_i |
+
+    over the task's training inputs, f the logits of the classes seen so far; importances are summed over
+    tasks (section 4.2: accumulated), and training minimises (eq. 4)
+
+        L = CE(f(x), y) + lambda * sum_i Omega_i (theta_i - theta*_i)^2
+
+    with theta* the parameters at the end of the last task. The head's rows of later classes have no
+    importance (zero-padded, not penalised).
+
+    Estimate: batched, the mean over mini-batches of |gradient of the batch's mean ||f(x)||^2| (as
+    Avalanche's `MASPlugin`, which uses the unsquared norm): the absolute value is taken per batch, not per
+    sample, so it is a lower bound of the per-sample mean. Run's batch size, stream order, evaluation
+    transform, eval mode. Default lambda = 1, the paper's value for its object-recognition sequences."""
+
+    def __init__(self, mas_lambda: float = 1.0):
+        if mas_lambda < 0:
+            raise ValueError(f"MAS lambda must be 0 or more, got {mas_lambda}")
+        self.mas_lambda = float(mas_lambda)
+        self.importance: dict[str, Tensor] = {}
+        self.anchor: dict[str, Tensor] = {}
+
+    def parameters(self) -> dict[str, Tensor]:
+        return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+
+    def penalty(self) -> Tensor:
+        """sum_i Omega_i (theta_i - theta*_i)^2, without lambda."""
+        if not self.importance:
+            return torch.zeros((), device=self.context.device)
+        return quadratic_penalty(self.parameters(), self.importance, self.anchor)
+
+    def loss(self, batch: Batch) -> Tensor:
+        loss = F.cross_entropy(self.logits(batch), batch.y)
+        if self.importance and self.mas_lambda:
+            loss = loss + self.mas_lambda * self.penalty()
+        return loss
+
+    def sensitivity(self, x: Tensor) -> dict[str, Tensor]:
+        """mean over mini-batches of |d mean_k ||f(x_k)||^2 / d theta| for raw uint8 inputs `x`."""
+        params = self.parameters()
+        names, tensors = list(params), list(params.values())
+        totals = [torch.zeros_like(t, dtype=torch.float32) for t in tensors]
+        was_training = self.model.training
+        self.model.eval()
+        size, n_batches = self.context.batch_size, 0
+        for start in range(0, len(x), size):
+            out = self.model(self.context.preprocess(x[start : start + size])).float()
+            for total, grad in zip(
+                totals, torch.autograd.grad(out.pow(2).sum(1).mean(), tensors), strict=True
+            ):
+                total += grad.float().abs()
+            n_batches += 1
+        self.model.train(was_training)
+        return {name: total / max(n_batches, 1) for name, total in zip(names, totals, strict=True)}
+
+    def after_task(self, task: Task) -> None:
+        new = self.sensitivity(self.stream.train_x[task.train_index])
+        for name, value in new.items():
+            old = self.importance.get(name)
+            self.importance[name] = value if old is None else pad_rows(old, value.shape) + value
+        self.anchor = {name: p.detach().float().clone() for name, p in self.parameters().items()}
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "importance": self.importance, "anchor": self.anchor}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        device = self.context.device
+        self.importance = {name: t.to(device) for name, t in state["importance"].items()}
+        self.anchor = {name: t.to(device) for name, t in state["anchor"].items()}

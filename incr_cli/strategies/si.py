@@ -1,0 +1,110 @@
+"""Synaptic Intelligence (SI): importance of each parameter from its contribution to the loss's decrease
+along the training trajectory."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from incr_cli.data.batches import Batch
+from incr_cli.data.stream import Task
+from incr_cli.strategies.base import Strategy
+from incr_cli.strategies.ewc import pad_rows, quadratic_penalty
+
+if TYPE_CHECKING:
+    from incr_cli.engine import Optimization
+
+
+class SynapticIntelligence(Strategy):
+    """SI (Zenke, Poole and Ganguli 2017, "Continual Learning Through Synaptic Intelligence", ICML 2017).
+
+    While task mu trains, every optimizer step adds to each parameter's path integral
+
+        omega_i += -g_i * (theta_i(after step) - theta_i(before step))
+
+    with g the gradient the step used (of the whole training loss, penalty included, as in Mammoth's and
+    Avalanche's implementations; unscaled when a float16 loss scaler is on). At the task's end
+
+        Omega_i += omega_i / (Delta_i^2 + xi),   Delta_i = theta_i(end of task) - theta_i(start of task)
+
+    (eq. 5) and the anchor becomes theta(end of task). Training then minimises (eq. 4)
+
+        L = CE(f(x), y) + c * sum_i Omega_i (theta_i - anchor_i)^2.
+
+    The head grows between tasks: its new rows have no importance yet (zero-padded Omega, not penalised).
+
+    Defaults: c = 1, xi = 1e-3 (damping), the values the paper reports for split MNIST (its section 5.1;
+    permuted MNIST used c = 0.1)."""
+
+    def __init__(self, c: float = 1.0, xi: float = 1e-3):
+        if c < 0 or xi <= 0:
+            raise ValueError(f"SI needs c >= 0 and xi > 0, got c={c}, xi={xi}")
+        self.c, self.xi = float(c), float(xi)
+        self.importance: dict[str, Tensor] = {}  # Omega, summed over finished tasks
+        self.anchor: dict[str, Tensor] = {}  # theta at the end of the last finished task
+        self.start: dict[str, Tensor] = {}  # theta at the start of the current task
+        self.omega: dict[str, Tensor] = {}  # the current task's path integral
+
+    def parameters(self) -> dict[str, Tensor]:
+        return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+
+    def before_task(self, task: Task) -> None:
+        params = self.parameters()
+        self.start = {name: p.detach().float().clone() for name, p in params.items()}
+        self.omega = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
+
+    def penalty(self) -> Tensor:
+        """sum_i Omega_i (theta_i - anchor_i)^2, without c."""
+        if not self.importance:
+            return torch.zeros((), device=self.context.device)
+        return quadratic_penalty(self.parameters(), self.importance, self.anchor)
+
+    def loss(self, batch: Batch) -> Tensor:
+        loss = F.cross_entropy(self.logits(batch), batch.y)
+        if self.importance and self.c:
+            loss = loss + self.c * self.penalty()
+        return loss
+
+    def training_step(self, batch: Batch, optimization: Optimization) -> Tensor:
+        with optimization.autocast():
+            loss = self.loss(batch)
+        if optimization.backward(loss):
+            params = self.parameters()
+            scaler = optimization.scaler
+            scale = scaler.get_scale() if scaler.is_enabled() else 1.0
+            grads = {n: p.grad.detach().float() / scale for n, p in params.items() if p.grad is not None}
+            before = {n: params[n].detach().float().clone() for n in grads}
+            optimization.step()
+            # A float16 scaler skips a step whose gradients overflowed: nothing moved, and inf * 0 is NaN.
+            if not scaler.is_enabled() or all(torch.isfinite(g).all() for g in grads.values()):
+                self.accumulate(grads, before)
+        return loss.detach()
+
+    @torch.no_grad()
+    def accumulate(self, grads: dict[str, Tensor], before: dict[str, Tensor]) -> None:
+        """omega += -g * (theta now - theta before the step). A step the scaler skipped moves nothing."""
+        params = self.parameters()
+        for name, grad in grads.items():
+            self.omega[name] -= grad * (params[name].detach().float() - before[name])
+
+    @torch.no_grad()
+    def after_task(self, task: Task) -> None:
+        for name, p in self.parameters().items():
+            end = p.detach().float()
+            new = self.omega[name] / ((end - self.start[name]).pow(2) + self.xi)
+            old = self.importance.get(name)
+            self.importance[name] = new if old is None else pad_rows(old, new.shape) + new
+            self.anchor[name] = end.clone()
+
+    def state_dict(self) -> dict:
+        names = ("importance", "anchor", "start", "omega")
+        return {**super().state_dict(), **{key: getattr(self, key) for key in names}}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        device = self.context.device
+        for key in ("importance", "anchor", "start", "omega"):
+            setattr(self, key, {name: t.to(device) for name, t in state[key].items()})
