@@ -43,6 +43,36 @@ def pad_rows(tensor: Tensor, shape: torch.Size) -> Tensor:
     return padded
 
 
+class ImportancePenalty(Strategy):
+    """A quadratic pull towards the parameters at the end of the last task, one importance per parameter:
+    L = CE(f(x), y) + strength * sum_i Omega_i (theta_i - theta*_i)^2 (SI's c, MAS's lambda). Subclasses
+    fill `importance` (Omega) and `anchor` (theta*) and say which of their knobs is `strength`."""
+
+    def __init__(self) -> None:
+        self.importance: dict[str, Tensor] = {}
+        self.anchor: dict[str, Tensor] = {}
+
+    @property
+    def strength(self) -> float:
+        raise NotImplementedError
+
+    def parameters(self) -> dict[str, Tensor]:
+        # By name, looked up each time: growing the head replaces its Parameter objects.
+        return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+
+    def penalty(self) -> Tensor:
+        """sum_i Omega_i (theta_i - theta*_i)^2, without the strength."""
+        if not self.importance:
+            return torch.zeros((), device=self.context.device)
+        return quadratic_penalty(self.parameters(), self.importance, self.anchor)
+
+    def loss(self, batch: Batch) -> Tensor:
+        loss = F.cross_entropy(self.logits(batch), batch.y)
+        if self.importance and self.strength:
+            loss = loss + self.strength * self.penalty()
+        return loss
+
+
 class EWC(Strategy):
     """EWC (Kirkpatrick et al. 2017, "Overcoming catastrophic forgetting in neural networks", PNAS) and
     online EWC (Schwarz et al. 2018, "Progress & Compress: A scalable framework for continual learning",

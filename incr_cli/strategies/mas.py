@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from incr_cli.data.batches import Batch
 from incr_cli.data.stream import Task
-from incr_cli.strategies.base import Strategy
-from incr_cli.strategies.ewc import pad_rows, quadratic_penalty
+from incr_cli.strategies.ewc import ImportancePenalty, pad_rows
 
 
-class MemoryAwareSynapses(Strategy):
+class MemoryAwareSynapses(ImportancePenalty):
     """MAS (Aljundi, Babiloni, Elhoseiny, Rohrbach and Tuytelaars 2018, "Memory Aware Synapses: Learning what
     (not) to forget", ECCV 2018).
 
@@ -38,23 +35,11 @@ class MemoryAwareSynapses(Strategy):
         if mas_lambda < 0:
             raise ValueError(f"MAS lambda must be 0 or more, got {mas_lambda}")
         self.mas_lambda = float(mas_lambda)
-        self.importance: dict[str, Tensor] = {}
-        self.anchor: dict[str, Tensor] = {}
+        super().__init__()
 
-    def parameters(self) -> dict[str, Tensor]:
-        return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
-
-    def penalty(self) -> Tensor:
-        """sum_i Omega_i (theta_i - theta*_i)^2, without lambda."""
-        if not self.importance:
-            return torch.zeros((), device=self.context.device)
-        return quadratic_penalty(self.parameters(), self.importance, self.anchor)
-
-    def loss(self, batch: Batch) -> Tensor:
-        loss = F.cross_entropy(self.logits(batch), batch.y)
-        if self.importance and self.mas_lambda:
-            loss = loss + self.mas_lambda * self.penalty()
-        return loss
+    @property
+    def strength(self) -> float:
+        return self.mas_lambda
 
     def sensitivity(self, x: Tensor) -> dict[str, Tensor]:
         """mean over mini-batches of |d mean_k ||f(x_k)||^2 / d theta| for raw uint8 inputs `x`."""

@@ -6,19 +6,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from incr_cli.data.batches import Batch
 from incr_cli.data.stream import Task
-from incr_cli.strategies.base import Strategy
-from incr_cli.strategies.ewc import pad_rows, quadratic_penalty
+from incr_cli.strategies.ewc import ImportancePenalty, pad_rows
 
 if TYPE_CHECKING:
     from incr_cli.engine import Optimization
 
 
-class SynapticIntelligence(Strategy):
+class SynapticIntelligence(ImportancePenalty):
     """SI (Zenke, Poole and Ganguli 2017, "Continual Learning Through Synaptic Intelligence", ICML 2017).
 
     While task mu trains, every optimizer step adds to each parameter's path integral
@@ -43,30 +41,18 @@ class SynapticIntelligence(Strategy):
         if c < 0 or xi <= 0:
             raise ValueError(f"SI needs c >= 0 and xi > 0, got c={c}, xi={xi}")
         self.c, self.xi = float(c), float(xi)
-        self.importance: dict[str, Tensor] = {}  # Omega, summed over finished tasks
-        self.anchor: dict[str, Tensor] = {}  # theta at the end of the last finished task
+        super().__init__()  # importance: Omega summed over finished tasks; anchor: theta at the last task's end
         self.start: dict[str, Tensor] = {}  # theta at the start of the current task
         self.omega: dict[str, Tensor] = {}  # the current task's path integral
 
-    def parameters(self) -> dict[str, Tensor]:
-        return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+    @property
+    def strength(self) -> float:
+        return self.c
 
     def before_task(self, task: Task) -> None:
         params = self.parameters()
         self.start = {name: p.detach().float().clone() for name, p in params.items()}
         self.omega = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
-
-    def penalty(self) -> Tensor:
-        """sum_i Omega_i (theta_i - anchor_i)^2, without c."""
-        if not self.importance:
-            return torch.zeros((), device=self.context.device)
-        return quadratic_penalty(self.parameters(), self.importance, self.anchor)
-
-    def loss(self, batch: Batch) -> Tensor:
-        loss = F.cross_entropy(self.logits(batch), batch.y)
-        if self.importance and self.c:
-            loss = loss + self.c * self.penalty()
-        return loss
 
     def training_step(self, batch: Batch, optimization: Optimization) -> Tensor:
         with optimization.autocast():
