@@ -54,6 +54,17 @@ def keep_one_torch_thread(one_torch_thread):
     torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def restore_determinism():
+    """A run with hardware.deterministic=true switches torch to deterministic kernels for the whole process;
+    every test leaves the setting as it found it."""
+    import torch
+
+    before = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
 def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """The config `incr train OVERRIDES` would run, composed through Hydra's compose API."""
     from hydra import compose, initialize_config_dir

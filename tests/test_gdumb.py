@@ -2,19 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from conftest import assert_resumes_exactly, compose_config, final_accuracy, run_experiment
 
 from incr_cli.strategies.gdumb import GreedyClassBalancedMemory
-
-
-@pytest.fixture
-def restore_determinism():
-    """hardware.deterministic=true switches torch to deterministic kernels for the whole process."""
-    before = torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.use_deterministic_algorithms(before)
 
 
 def offer(memory: GreedyClassBalancedMemory, labels: list[int], first_id: int, generator: torch.Generator):
@@ -116,7 +107,7 @@ def test_gdumb_runs_under_mixed_precision(tmp_path):
     assert final_accuracy(metrics) > 0.5
 
 
-def test_gdumb_resumes_exactly(tmp_path, restore_determinism):
+def test_gdumb_resumes_exactly(tmp_path):
     # no stream batch is ever trained, so the run is stopped between tasks, after task 2's checkpoint
     resumed = assert_resumes_exactly(tmp_path, ["strategy=gdumb", "epochs=2"], fault="task_end:2:SIGTERM")
     assert resumed["run"]["status"] == "finished"

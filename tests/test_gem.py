@@ -25,14 +25,6 @@ def vector(*values: float) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64)
 
 
-@pytest.fixture
-def restore_determinism():
-    """hardware.deterministic=true (the resume check) switches torch to deterministic kernels process-wide."""
-    before = torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.use_deterministic_algorithms(before)
-
-
 # ----------------------------------------------------------------------------------------------- A-GEM's maths
 def test_agem_removes_the_component_against_the_reference_gradient():
     # <g, g_ref> = -2 and <g_ref, g_ref> = 4: g - (-2 / 4) g_ref = (1, -1) + (0, 1).
@@ -193,7 +185,7 @@ def test_mixed_precision_runs_end_to_end(tmp_path, strategy, dtype):
 
 
 @pytest.mark.parametrize("strategy", ["gem", "agem"])
-def test_resumes_exactly(tmp_path, strategy, restore_determinism):
+def test_resumes_exactly(tmp_path, strategy):
     """Stopped at step 35 of 2 epochs x 9 batches per task, one step before task 2 ends, and resumed: the
     memory of task 1, the random generator's state (A-GEM's samples) and GEM's memory-to-be (the last
     samples seen, mostly before the stop) must all come back through the checkpoint."""
