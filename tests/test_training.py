@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import final_accuracy, run_experiment
+from conftest import assert_resumes_exactly, final_accuracy, run_experiment
 
 from incr_cli import checkpoint
 
@@ -161,3 +161,12 @@ def test_two_task_finetune_on_digits_reproduces_its_pinned_accuracy_matrix(tmp_p
     # the untrained model within each task's classes: 42/180 and 16/179
     assert [round(v, 6) for v in metrics["task_il"]["initial_accuracy"]] == [0.233333, 0.089385]
     assert round(metrics["final"]["f1"], 6) == 0.344016
+
+
+def test_a_learning_rate_schedule_runs_per_task_and_resumes_with_its_state(tmp_path):
+    # cosine over each task's epochs; step 30 is in the 2nd epoch of task 1 (23 batches an epoch), after a
+    # scheduler step: a resume that lost the scheduler's state would train with another learning rate
+    resumed = assert_resumes_exactly(
+        tmp_path, ["scheduler=cosine", "epochs=3", "dataset.n_tasks=2"], fault="step:30:SIGTERM"
+    )
+    assert resumed["run"]["status"] == "finished"
