@@ -117,6 +117,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def model_size(model: torch.nn.Module) -> tuple[int, int]:
+    """Parameter count and bytes of parameters plus buffers (frozen extractors of grown networks included)."""
+    parameters = sum(p.numel() for p in model.parameters())
+    tensors = [*model.parameters(), *model.buffers()]
+    return parameters, sum(t.numel() * t.element_size() for t in tensors)
+
+
 @dataclass
 class Position:
     """Where the run is: `task` is the next task to train or the one being trained; `started` says whether
@@ -189,6 +196,7 @@ class Run:
                 f"{path} was written by a different experiment (config hash {state['config_hash']}, now "
                 f"{self.config_hash}); resume may only change {', '.join(checkpoint.RESULT_NEUTRAL_KEYS)}"
             )
+        self.strategy.restore_structure(state["strategy"])  # a grown network takes its saved shape first
         self.model.load_state_dict(state["model"])
         self.strategy.load_state_dict(state["strategy"])
         checkpoint.restore_rng(state["rng"], self.rng)
@@ -286,6 +294,8 @@ class Run:
         timing["samples_per_second"] = timing["samples"] / max(timing["train_seconds"], 1e-9)
         timing["memory_samples"] = self.strategy.memory_samples
         timing["memory_bytes"] = self.strategy.memory_bytes
+        # growing-network methods (DER, FOSTER) pay for forgetting in model size: report it per task
+        timing["parameters"], timing["model_bytes"] = model_size(self.model)
         self.record(class_il, task_il, final)
         self.position = Position(task=task.id + 1, step=position.step)
         self.save_checkpoint(None, None, None, task_end=task.id)
@@ -352,6 +362,7 @@ class Run:
             "per_task": [],
             "final": {},
             "parameters": 0,
+            "model_bytes": 0,
             "peak_memory_bytes": 0,
             "wall_seconds": 0.0,
         }  # fmt: skip
@@ -363,7 +374,7 @@ class Run:
             m[key].update(metrics.summarize(m[key]["accuracy_matrix"], m[key]["initial_accuracy"]))
         m["final"] = final
         m["per_task"][-1]["f1"] = final.get("f1")
-        m["parameters"] = sum(p.numel() for p in self.model.parameters())
+        m["parameters"], m["model_bytes"] = model_size(self.model)
         m["peak_memory_bytes"] = self._peak_memory()
         step = len(m["class_il"]["accuracy_matrix"])
         console.print(

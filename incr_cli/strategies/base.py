@@ -107,6 +107,10 @@ class Strategy:
     def state_dict(self) -> dict:
         return {} if self.memory is None else {"memory": self.memory.state_dict()}
 
+    def restore_structure(self, state: dict) -> None:
+        """Called on resume with the saved `state_dict`, before the model's weights load: a method that
+        grows the network (DER, FOSTER) rebuilds the saved shape here so that the weights fit."""
+
     def load_state_dict(self, state: dict) -> None:
         if self.memory is not None:
             self.memory.load_state_dict(state["memory"])
