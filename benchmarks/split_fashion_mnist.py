@@ -55,6 +55,11 @@ METHODS = {
     "xder": ["strategy.memory.size=500"],
     "er_ace": ["strategy.memory.size=500"],
     "importance_replay": ["strategy.memory.size=500"],
+    "ewc": ["strategy.ewc_lambda=1000"],
+    "online_ewc": [],
+    "si": [],
+    "mas": [],
+    "lwf": ["strategy.alpha=1", "strategy.temperature=2"],
     # mer is left out of the default list: s*k = 100 times fine-tuning's work (about 400 s a run here).
 }
 PLAIN_LOOP_METHODS = ("finetune", "joint", "replay")
@@ -80,6 +85,9 @@ REFERENCE = {
     "gem": Reference(0.7506, 0.0118, 0.273, 55.0, 61.0),
     "agem": Reference(0.2183, 0.0251, 0.964, 30.7, 36.7),
     "gdumb": Reference(0.5151, 0.0319, 0.277, 0.9, 7.4),
+    "ewc": Reference(0.2003, 0.0008, 0.986, 27.0, 32.7),  # lambda 1000
+    "lwf": Reference(0.1992, 0.0001, 0.987, 16.9, 22.8),  # alpha 1, temperature 2
+    "icarl": Reference(0.6428, 0.0072, 0.134, 27.0, 33.5),  # memory 500, herding
     "plain loop, finetune": Reference(0.1994, 0.0001, 0.987, 2.2, 2.8),
     "plain loop, joint": Reference(0.8589, 0.0032, 0.000, 2.0, 3.4),  # once on all data
 }

@@ -1,4 +1,4 @@
-"""The `incr` command: a dispatcher over subcommands (train, resume; eval, predict and report come later)."""
+"""The `incr` command: a dispatcher over subcommands (train, resume, report; eval and predict come later)."""
 
 from __future__ import annotations
 
@@ -60,6 +60,19 @@ def _override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
+def report(argv: list[str]) -> int:
+    from incr_cli.report import ReportError, parse_args
+    from incr_cli.report import report as write_report
+
+    args = parse_args(argv)
+    try:
+        write_report(args)
+    except ReportError as error:
+        fail(str(error))
+        return 2
+    return 0
+
+
 # name -> (function taking the remaining arguments, one-line description)
 SUBCOMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (
@@ -67,6 +80,7 @@ SUBCOMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
         "train a model on a stream of tasks; Hydra overrides, e.g. strategy=replay dataset=digits",
     ),
     "resume": (resume, "continue a killed run from its last good checkpoint: incr resume RUN_DIR"),
+    "report": (report, "tables and figures over runs, grouped over seeds: incr report DIR..."),
 }
 
 USAGE = """usage: incr <command> [arguments]
