@@ -23,6 +23,7 @@ VERSION = 1
 RESULT_NEUTRAL_KEYS = (
     "progress",
     "resume",
+    "logger",
     "hardware.num_threads",
     "checkpoint.every_steps",
     "checkpoint.every_seconds",

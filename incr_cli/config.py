@@ -89,6 +89,7 @@ class TrainConfig:
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     optimizer: Any = None
     scheduler: Any = None
+    logger: Any = None
     seed: int = 0
     epochs: int = 10
     batch_size: int = 32
@@ -121,6 +122,10 @@ def check_config(cfg: DictConfig, *, check_data: bool = True) -> None:
             raise ConfigError(f"checkpoint.{key}={value} must be positive or null")
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError(f"checkpoint.keep_last={cfg.checkpoint.keep_last} must be at least 1")
+    from incr_cli.loggers import check_logger
+
+    if cfg.logger is not None and (problem := check_logger(cfg.logger)):
+        raise ConfigError(problem)
     for group in ("model", "strategy", "optimizer", "scheduler"):
         if cfg[group] is not None:
             check_target(group, cfg[group])

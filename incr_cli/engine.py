@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -11,7 +12,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from incr_cli.console import TrainingProgress, accuracy_table, console, summary_
 from incr_cli.data.batches import DeviceBatches, Preprocess, eval_batches
 from incr_cli.data.sources import load_source
 from incr_cli.data.stream import Stream, build_stream
+from incr_cli.loggers import RunLoggers
 from incr_cli.models.head import IncrementalNet
 from incr_cli.strategies.base import Context, Strategy
 
@@ -134,6 +136,7 @@ class Position:
     epoch: int = 0
     batch: int = 0
     step: int = 0  # optimizer steps of the whole run
+    epoch_loss: float = 0.0  # sum of this epoch's batch losses so far, for the logged epoch mean
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -173,6 +176,11 @@ class Run:
         self._signal: int | None = None
         if cfg.resume:
             self.restore()
+        # Rows logged after the checkpoint resumed from are dropped: that stretch is trained again. A mid-task
+        # checkpoint at step S precedes anything logged at S (an epoch that ended at S is logged after it).
+        resumed = self.position.step - (1 if self.position.started else 0) if cfg.resume else None
+        run_id = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
+        self.loggers = RunLoggers(cfg.logger, run_dir, self.config, run_id, resumed)
 
     def restore(self) -> None:
         """Continue from the newest checkpoint that loads; an unusable one is named and skipped."""
@@ -218,12 +226,13 @@ class Run:
         log.info("run directory: %s", self.run_dir)
         if self.metrics["run"]["status"] == "finished":
             log.info("this run already finished; nothing to do")
+            self.loggers.close()
             return self.metrics
         if not self.metrics["class_il"]["initial_accuracy"]:
             class_il, task_il, _ = self.evaluate(n_seen=0)
             self.metrics["class_il"]["initial_accuracy"] = class_il
             self.metrics["task_il"]["initial_accuracy"] = task_il
-        with self.progress.running(len(stream.tasks)), self._signals_checkpointed():
+        with self.progress.running(len(stream.tasks)), self._signals_checkpointed(), closing(self.loggers):
             while self.position.task < len(stream.tasks):
                 self.train_task(stream.tasks[self.position.task])
                 faults.reach("task_end")
@@ -266,9 +275,12 @@ class Run:
         self.model.train()
         while position.epoch < cfg.epochs:
             self.progress.start_epoch(position.epoch, len(batches), position.batch)
+            # summed on the device, read once per epoch (and at checkpoints): no per-batch synchronisation
+            self._epoch_loss = torch.tensor(position.epoch_loss, device=self.hardware.device)
+            epoch_seconds, epoch_samples = 0.0, 0
             tick = time.perf_counter()
             for batch in batches.epoch(position.epoch, start=position.batch):
-                self.strategy.training_step(batch, optimization)
+                self._epoch_loss += self.strategy.training_step(batch, optimization).float()
                 position.batch += 1
                 position.step += 1
                 timing["samples"] += len(batch)
@@ -276,15 +288,23 @@ class Run:
                 elapsed = time.perf_counter() - tick
                 self.progress.advance_batch(len(batch) / max(elapsed, 1e-9))
                 timing["train_seconds"] += elapsed
+                epoch_seconds += elapsed
+                epoch_samples += len(batch)
                 faults.reach("step")
                 if self._checkpoint_due():
                     self.save_checkpoint(optimizer, scheduler, scaler)
                 self._stop_if_signalled(optimizer, scheduler, scaler)
                 tick = time.perf_counter()
+            self.loggers.epoch({
+                "loss": self._epoch_loss.item() / max(len(batches), 1),
+                "lr": optimizer.param_groups[0]["lr"],
+                "samples_per_second": epoch_samples / max(epoch_seconds, 1e-9),
+            }, position.step, task.id, position.epoch)  # fmt: skip
             if scheduler is not None:
                 scheduler.step()
             position.epoch += 1
             position.batch = 0
+            position.epoch_loss = 0.0
         tick = time.perf_counter()
         self.strategy.after_task(task)  # counted as training: GDumb trains here, memories are filled here
         timing["train_seconds"] += time.perf_counter() - tick
@@ -297,6 +317,7 @@ class Run:
         # growing-network methods (DER, FOSTER) pay for forgetting in model size: report it per task
         timing["parameters"], timing["model_bytes"] = model_size(self.model)
         self.record(class_il, task_il, final)
+        self.log_task(task.id, position.step)
         self.position = Position(task=task.id + 1, step=position.step)
         self.save_checkpoint(None, None, None, task_end=task.id)
         self.write_results()
@@ -446,8 +467,20 @@ class Run:
             return True
         return bool(every_seconds) and time.monotonic() - self._last_save >= every_seconds
 
+    def log_task(self, task_id: int, step: int) -> None:
+        m = self.metrics
+        values = {"f1": m["final"].get("f1")}
+        for scenario in ("class_il", "task_il"):
+            summary = m[scenario]
+            values[f"{scenario}/average_accuracy"] = summary["average_accuracy"][-1]
+            for key in ("average_forgetting", "bwt", "fwt"):
+                values[f"{scenario}/{key}"] = summary[key]
+        self.loggers.task(values, m["class_il"]["accuracy_matrix"], step, task_id)
+
     def save_checkpoint(self, optimizer, scheduler, scaler, task_end: int | None = None) -> None:
         self.checkpoints.mkdir(parents=True, exist_ok=True)
+        if optimizer is not None:  # mid-task: the epoch's loss so far
+            self.position.epoch_loss = self._epoch_loss.item()
         state = {
             "config_hash": self.config_hash,
             "position": self.position.as_dict(),

@@ -12,7 +12,7 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def _draw_matrix(axes, matrix: list[list[float]], title: str):
+def draw_matrix(axes, matrix: list[list[float]], title: str):
     n_rows, n_tasks = len(matrix), len(matrix[0])
     image = axes.imshow(matrix, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     for i, row in enumerate(matrix):
@@ -30,7 +30,7 @@ def _draw_matrix(axes, matrix: list[list[float]], title: str):
 def plot_accuracy_matrix(matrix: list[list[float]], path: Path, title: str) -> None:
     n_rows, n_tasks = len(matrix), len(matrix[0])
     figure, axes = plt.subplots(figsize=(1.2 + 0.7 * n_tasks, 1.0 + 0.6 * n_rows))
-    image = _draw_matrix(axes, matrix, title)
+    image = draw_matrix(axes, matrix, title)
     figure.colorbar(image, ax=axes, label="accuracy")
     _save(figure, path)
 
@@ -42,7 +42,7 @@ def plot_accuracy_matrices(matrices: dict[str, list[list[float]]], path: Path, t
     figure, axes = plt.subplots(1, len(matrices), figsize=(0.8 + width * len(matrices), 1.6 + 0.6 * n_tasks),
                                 squeeze=False)  # fmt: skip
     for ax, (label, matrix) in zip(axes[0], matrices.items(), strict=True):
-        image = _draw_matrix(ax, matrix, label)
+        image = draw_matrix(ax, matrix, label)
     figure.colorbar(image, ax=list(axes[0]), label="accuracy (mean over seeds)")
     figure.suptitle(f"accuracy matrices: {title}", fontsize=11)
     figure.savefig(path, dpi=100)
