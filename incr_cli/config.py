@@ -94,6 +94,7 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 32
     eval_batch_size: int = 1000
+    evaluate_on: str = "test"
     progress: bool = True
     resume: bool = False
     data: DataConfig = field(default_factory=DataConfig)
@@ -116,6 +117,9 @@ def check_config(cfg: DictConfig, *, check_data: bool = True) -> None:
     _check_stream(cfg.dataset)
     _check_hardware(cfg.hardware)
     _check_choice("train.on_nonfinite", cfg.train.on_nonfinite, NONFINITE_ACTIONS)
+    _check_choice("evaluate_on", cfg.evaluate_on, ("test", "val"))
+    if cfg.evaluate_on == "val" and cfg.dataset.val_fraction == 0:
+        raise ConfigError("evaluate_on=val needs a held-out part: set dataset.val_fraction, e.g. 0.1")
     for key in ("every_steps", "every_seconds"):
         value = cfg.checkpoint[key]
         if value is not None and value <= 0:

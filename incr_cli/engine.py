@@ -334,14 +334,16 @@ class Run:
     @torch.no_grad()
     def evaluate(self, n_seen: int) -> tuple[list[float], list[float], dict]:
         """Class-IL accuracy (argmax over the classes seen so far) and task-IL accuracy (argmax within the
-        task's own classes) on every task's test set, seen and future; and the seen classes' confusion."""
+        task's own classes) on every task's test set (or held-out part, `evaluate_on=val`), seen and future;
+        and the seen classes' confusion."""
         self.model.eval()
         stream = self.stream
         faults.reach("evaluate")
+        images, y = stream.evaluation_split(self.cfg.evaluate_on)
         with self.hardware.autocast():
             scores = torch.cat([self.strategy.predict(self.preprocess(x)).float()
-                                for x in eval_batches(stream.test_x, self.cfg.eval_batch_size)])  # fmt: skip
-        y, task_of_sample = stream.test_y, stream.test_task_ids()
+                                for x in eval_batches(images, self.cfg.eval_batch_size)])  # fmt: skip
+        task_of_sample = stream.task_ids(y)
         if n_seen:
             class_prediction = scores[:, :n_seen].argmax(1)
         else:  # nothing learned yet: no class can be predicted
@@ -372,7 +374,7 @@ class Run:
             "run": {
                 "strategy": self.names["strategy"], "dataset": self.names["dataset"], "model": self.names["model"],
                 "seed": self.cfg.seed, "config_hash": self.config_hash, "device": str(self.hardware.device),
-                "status": "running", "n_tasks": len(stream.tasks),
+                "status": "running", "n_tasks": len(stream.tasks), "evaluated_on": self.cfg.evaluate_on,
             },
             "tasks": [{"task": t.id, "classes": t.classes, "class_names": [stream.class_names[c] for c in t.classes],
                        "original_classes": [stream.class_order[c] for c in t.classes],

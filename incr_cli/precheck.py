@@ -30,6 +30,8 @@ def _hydra_setting(argv: list[str], key: str) -> str | None:
 def job_overrides(argv: list[str]) -> list[list[str]] | None:
     """The override list of every job the command would run; None when it only inspects."""
     if INSPECTION_FLAGS & set(argv):
+        if {"-m", "--multirun"} & set(argv) and {"--cfg", "-c", "--info", "-i"} & set(argv):
+            raise ConfigError("--cfg/--info show one job's config: drop -m (--multirun) to inspect it")
         return None
     args = get_args_parser().parse_args(argv)
     parsed = OverridesParser.create().parse_overrides(args.overrides)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +22,9 @@ def train_job(cfg: DictConfig) -> float:
     from incr_cli.engine import Interrupted, NonFiniteLoss, Run  # torch loads once the config is known good
 
     hydra_config = HydraConfig.get()
+    if not cfg.resume and requeued_by_slurm():
+        logging.getLogger("incr").info("requeued by SLURM: resuming from the last checkpoint")
+        cfg.resume = True
     choices = hydra_config.runtime.choices
     names = {group: str(choices.get(group)) for group in ("strategy", "dataset", "model")}
     try:
@@ -43,6 +48,12 @@ def train_job(cfg: DictConfig) -> float:
         fail(str(error))
         sys.exit(1)
     return metrics["class_il"]["final_average_accuracy"]
+
+
+def requeued_by_slurm() -> bool:
+    """SLURM sets SLURM_RESTART_COUNT when it requeues a job (after preemption, or submitit's requeue on
+    timeout); the job then reruns with the same overrides and output folder, so it continues that run."""
+    return int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
 
 
 def run_hydra(argv: list[str]) -> None:

@@ -56,10 +56,21 @@ class Stream:
 
     def test_task_ids(self) -> torch.Tensor:
         """The task each test sample belongs to."""
+        return self.task_ids(self.test_y)
+
+    def task_ids(self, labels: torch.Tensor) -> torch.Tensor:
         task_of_label = torch.empty(self.n_classes, dtype=torch.long)
         for task in self.tasks:
             task_of_label[task.classes] = task.id
-        return task_of_label.to(self.test_y.device)[self.test_y]
+        return task_of_label.to(labels.device)[labels]
+
+    def evaluation_split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images and labels evaluated after every task: the test set, or the training samples every task
+        held out (`dataset.val_fraction`), for choosing hyper-parameters without looking at the test set."""
+        if split == "test":
+            return self.test_x, self.test_y
+        rows = torch.cat([task.val_index for task in self.tasks])
+        return self.train_x[rows], self.train_y[rows]
 
 
 def resolve_class_order(dataset: DictConfig) -> list[int]:
