@@ -32,6 +32,22 @@ class IncrementalClassifier(nn.Module):
         self.weight = nn.Parameter(torch.cat([self.weight.detach(), self.future_weight[new]]))
         self.bias = nn.Parameter(torch.cat([self.bias.detach(), self.future_bias[new]]))
 
+    @property
+    def in_features(self) -> int:
+        return self.future_weight.shape[1]
+
+    def widen(self, extra_features: int) -> None:
+        """Append `extra_features` input columns (features of a new extractor, DER and FOSTER) to every row,
+        active and future: the trained columns keep their weights, the new ones are drawn uniformly in
+        +-1/sqrt(in_features) (nn.Linear's bound at the new width) from torch's global generator."""
+        in_features = self.in_features + extra_features
+        bound = 1 / in_features**0.5
+        columns = torch.rand(len(self.future_bias), extra_features) * (2 * bound) - bound
+        columns = columns.to(self.future_weight)
+        self.future_weight = torch.cat([self.future_weight, columns], dim=1)
+        active = torch.cat([self.weight.detach(), columns[: self.n_classes]], dim=1)
+        self.weight = nn.Parameter(active, requires_grad=self.weight.requires_grad)
+
     def forward(self, features: Tensor) -> Tensor:
         return features @ self.weight.t() + self.bias
 

@@ -1,0 +1,206 @@
+"""FOSTER: boost the network with a second feature extractor for each task, then compress it back into one."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from incr_cli.data.batches import Batch
+from incr_cli.data.stream import Task
+from incr_cli.memory import Memory
+from incr_cli.models.expandable import ExpandableBackbone
+from incr_cli.models.head import IncrementalClassifier
+from incr_cli.strategies.der_expandable import GrowingNetwork
+
+
+def class_balanced_weights(counts: Tensor, beta: float) -> Tensor:
+    """Per-class weights from the effective number of samples (Cui et al. 2019, "Class-Balanced Loss Based on
+    Effective Number of Samples"): w_c = (1 - beta) / (1 - beta^n_c), scaled so that they sum to the number
+    of classes. Rare classes (the old ones, seen through the memory) get the larger weights."""
+    counts = counts.double().clamp(min=1)
+    weights = (1 - beta) / (1 - beta**counts)
+    return (weights * len(weights) / weights.sum()).float()
+
+
+def logit_adjusted_cross_entropy(logits: Tensor, y: Tensor, class_weights: Tensor) -> Tensor:
+    """FOSTER's logits alignment: CE(logits / w, y), each class's logit divided by its weight, so that the
+    network learns larger logits for the classes that the training set under-represents."""
+    return F.cross_entropy(logits.float() / class_weights, y)
+
+
+def distillation(
+    student: Tensor, teacher: Tensor, temperature: float, class_weights: Tensor | None = None
+) -> Tensor:
+    """KL(q || softmax(student / T)), averaged over the batch, in float32, with q = softmax(teacher / T); with
+    `class_weights`, q is FOSTER's balanced target: q_c w_c / sum_k q_k w_k. No T^2 factor (as PyCIL)."""
+    log_p = F.log_softmax(student.float() / temperature, dim=1)
+    q = F.softmax(teacher.float() / temperature, dim=1)
+    if class_weights is not None:
+        q = q * class_weights
+        q = q / q.sum(dim=1, keepdim=True)
+    return F.kl_div(log_p, q, reduction="batchmean")
+
+
+class FeatureBoostingAndCompression(GrowingNetwork):
+    """FOSTER (Wang, Zhou, Ye and Zhan 2022, "FOSTER: Feature Boosting and Compression for Class-Incremental
+    Learning", ECCV 2022), as PyCIL implements it (its default `oofc: ft`, no weight aligning).
+
+    The first task trains one extractor F_old with CE. At every later task:
+
+    1. Boosting (the task's epochs). A new extractor F_new, a copy of F_old, joins the frozen F_old (batch
+       norm in eval mode); the head W scores every seen class from [F_old(x), F_new(x)] (old rows keep their
+       weights on F_old's features). With S = W [F_old(x), F_new(x)], S_old the previous model's logits
+       (its head on F_old(x)), and W_new a classifier on F_new(x) alone over every seen class, each step on
+       the task's data joined with the memory minimises
+
+           L = CE(S / w1, y) + CE(W_new F_new(x), y) + lambda_kd * KL(softmax(S_old / T) || softmax(S[:, old] / T))
+
+       the logits alignment, the feature enhancement and the old model's distillation terms; w1 are the
+       per-class weights (1 - beta1) / (1 - beta1^n_c) over the training counts n_c, scaled to sum to the
+       number of classes (`class_balanced_weights`).
+    2. Compression (`compression_epochs`, in `after_task`). A student of one extractor, initialised from
+       F_old and the previous head (the new classes' rows fresh), learns from the boosted model (eval mode)
+       on the same data by balanced distillation, KL(q_w2 || softmax(student / T)) with q the teacher's
+       softmax(S / T) re-weighted by the beta2 weights and renormalised. The student then replaces the
+       model, which is thus one extractor again after every task (metrics.json's per-task `parameters`
+       grow only by the head's rows).
+
+    After each task the memory takes the task's samples by herding on the student's features.
+
+    Defaults (PyCIL's `exps/foster.json`): beta1 = 0.96, beta2 = 0.97, T = 2, lambda_kd (`lambda_okd`) = 1;
+    PyCIL boosts for 170 and compresses for 130 epochs; here compression runs `compression_epochs` (null:
+    the run's `epochs`) with the run's optimizer and batch size. Memory 200 by herding (PyCIL: 2,000 on
+    CIFAR-100, 20 per class). The compression runs in full precision (as GDumb's training in `after_task`,
+    it gets no `Optimization`) and without the run's scheduler. Left out: weight aligning of teacher or
+    student (PyCIL's `is_teacher_wa` / `is_student_wa`, off by default) and the `oofc: az` variant."""
+
+    def __init__(
+        self,
+        memory: Memory,
+        beta1: float = 0.96,
+        beta2: float = 0.97,
+        temperature: float = 2.0,
+        kd_weight: float = 1.0,
+        compression_epochs: int | None = None,
+    ):
+        for name, beta in (("beta1", beta1), ("beta2", beta2)):
+            if not 0 < beta < 1:
+                raise ValueError(f"strategy.{name}={beta} must be in (0, 1)")
+        if temperature <= 0:
+            raise ValueError(f"strategy.temperature={temperature} must be positive")
+        if kd_weight < 0:
+            raise ValueError(f"strategy.kd_weight={kd_weight} must be 0 or more")
+        if compression_epochs is not None and compression_epochs < 1:
+            raise ValueError(
+                f"strategy.compression_epochs={compression_epochs} must be a positive integer or null"
+            )
+        super().__init__(memory)
+        self.beta1, self.beta2 = float(beta1), float(beta2)
+        self.temperature, self.kd_weight = float(temperature), float(kd_weight)
+        self.compression_epochs = compression_epochs
+        self.old_head: IncrementalClassifier | None = None
+        self.boosting_weights: Tensor | None = None
+        self.compression_weights: Tensor | None = None
+
+    @property
+    def old_classes(self) -> int:
+        return 0 if self.old_head is None else self.old_head.n_classes
+
+    def before_task(self, task: Task) -> None:
+        n_old = self.model.head.n_classes - len(task.classes)
+        if n_old == 0:
+            return
+        counts = torch.bincount(
+            self.stream.train_y[self.training_indices(task)], minlength=self.model.head.n_classes
+        )
+        self.boosting_weights = class_balanced_weights(counts, self.beta1).to(self.context.device)
+        self.compression_weights = class_balanced_weights(counts, self.beta2).to(self.context.device)
+        self.old_head = self._old_head(self.model.head, n_old)
+        self.expand()
+        self.add_auxiliary_head(self.model.head.n_classes)
+
+    @staticmethod
+    def _old_head(head: IncrementalClassifier, n_old: int) -> IncrementalClassifier:
+        """A frozen copy of the head's first `n_old` rows: the previous model's classifier."""
+        old = copy.deepcopy(head)
+        old.weight = torch.nn.Parameter(head.weight.detach()[:n_old].clone(), requires_grad=False)
+        old.bias = torch.nn.Parameter(head.bias.detach()[:n_old].clone(), requires_grad=False)
+        return old.eval()
+
+    def loss(self, batch: Batch) -> Tensor:
+        x = self.context.preprocess(batch.x, self.rng)
+        if self.old_head is None:
+            return F.cross_entropy(self.model(x), batch.y)
+        features = self.model.backbone(x)
+        logits = self.model.head(features)
+        old_dim = self.old_head.in_features
+        with torch.no_grad():
+            old_logits = self.old_head(features[:, :old_dim])
+        enhancement = F.cross_entropy(self.model.auxiliary_head(features[:, old_dim:]), batch.y)
+        loss = logit_adjusted_cross_entropy(logits, batch.y, self.boosting_weights) + enhancement
+        if self.kd_weight:
+            kd = distillation(logits[:, : self.old_classes], old_logits, self.temperature)
+            loss = loss + self.kd_weight * kd
+        return loss
+
+    def after_task(self, task: Task) -> None:
+        if self.old_head is not None:
+            self.compress(task)
+        self.remember(task)
+
+    def compress(self, task: Task) -> None:
+        """Distil the boosted two-extractor model into one extractor, which then replaces it."""
+        teacher = self.model
+        student_backbone = ExpandableBackbone([copy.deepcopy(self.backbone.extractors[0])])
+        student_head = copy.deepcopy(self.old_head)
+        student_head.grow(teacher.head.n_classes)
+        student = torch.nn.ModuleDict({"backbone": student_backbone, "head": student_head})
+        for parameter in student.parameters():
+            parameter.requires_grad_(True)
+        optimizer = self.context.make_optimizer(student.parameters())
+        rows = self.training_indices(task)
+        batch_size = self.context.batch_size
+        was_training = teacher.training
+        teacher.eval()
+        student.train()
+        for _ in range(self.compression_epochs or self.context.epochs):
+            order = torch.randperm(len(rows), generator=self.rng, device=self.rng.device).to(rows.device)
+            for first in range(0, len(order), batch_size):
+                batch_rows = rows[order[first : first + batch_size]]
+                x = self.context.preprocess(self.stream.train_x[batch_rows], self.rng)
+                with torch.no_grad():
+                    teacher_logits = teacher(x)
+                student_logits = student_head(student_backbone(x))
+                loss = distillation(
+                    student_logits, teacher_logits, self.temperature, self.compression_weights
+                )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.remove_auxiliary_head()
+        self.model.backbone, self.model.head = student_backbone, student_head
+        self.model.train(was_training)
+        self.old_head = None
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.old_head is not None:
+            state["old_head"] = {k: v.detach().clone() for k, v in self.old_head.state_dict().items()}
+            state["boosting_weights"] = self.boosting_weights
+            state["compression_weights"] = self.compression_weights
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.old_head = None
+        if "old_head" in state:
+            saved = state["old_head"]
+            old_head = IncrementalClassifier(saved["future_weight"].shape[1], len(saved["future_bias"]))
+            old_head.load_state_dict(saved)
+            self.old_head = self._old_head(old_head.to(self.context.device), len(saved["bias"]))
+            self.boosting_weights = state["boosting_weights"]
+            self.compression_weights = state["compression_weights"]
