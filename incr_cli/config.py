@@ -61,6 +61,7 @@ class HardwareConfig:
     deterministic: bool = False
     channels_last: bool = False
     compile: bool = False
+    distributed: bool = False
 
 
 @dataclass
@@ -141,7 +142,10 @@ def check_config(cfg: DictConfig, *, check_data: bool = True) -> None:
         if memory.get("size", 0) < 0:
             raise ConfigError(f"strategy.memory.size={memory.size} must be 0 or more")
         _check_choice("strategy.memory.selection", memory.get("selection", "reservoir"), SELECTIONS)
-    _check_builds("strategy", cfg.strategy)
+    strategy = _check_builds("strategy", cfg.strategy)
+    if cfg.hardware.distributed and not getattr(strategy, "supports_distributed", False):
+        raise ConfigError(f"{cfg.strategy._target_.rsplit('.', 1)[-1]} does not run under hardware=ddp yet; "
+                          f"strategies that do: {', '.join(_distributed_strategies())}")  # fmt: skip
     if check_data:
         from incr_cli.data.sources import check_available
 
@@ -171,16 +175,28 @@ def check_target(key: str, node: DictConfig) -> None:
             check_target(f"{key}.{k}", node[k])
 
 
-def _check_builds(key: str, node: DictConfig) -> None:
+def _check_builds(key: str, node: DictConfig) -> Any:
     """Build the object once (cheap: no data) so that its own checks of its values speak before training."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
     try:
-        instantiate(node)
+        return instantiate(node)
     except InstantiationException as error:
         cause = error.__cause__ if error.__cause__ is not None else error
         raise ConfigError(f"{key}: {cause}".splitlines()[0]) from None
+
+
+def _distributed_strategies() -> list[str]:
+    """strategy= choices whose class declares `supports_distributed` (its per-batch state is rank-free)."""
+    from hydra.utils import get_class
+
+    names = []
+    for path in sorted((config_dir() / "strategy").glob("*.yaml")):
+        target = OmegaConf.load(path).get("_target_")
+        if target and getattr(get_class(target), "supports_distributed", False):
+            names.append(path.stem)
+    return names
 
 
 def _check_positive(cfg: DictConfig, *keys: str) -> None:
@@ -248,6 +264,12 @@ def _check_hardware(hardware: DictConfig) -> None:
     _check_choice("hardware.amp_dtype", hardware.amp_dtype, AMP_DTYPES)
     if hardware.num_threads is not None and hardware.num_threads < 1:
         raise ConfigError(f"hardware.num_threads={hardware.num_threads} must be a positive integer or null")
+    if hardware.distributed:
+        from incr_cli.distributed import launched_by_torchrun
+
+        if not launched_by_torchrun():
+            raise ConfigError("hardware=ddp runs under torchrun: torchrun --nproc_per_node=N -m incr_cli train "
+                              "hardware=ddp ... (or choose hardware=auto, cpu, gpu or amp)")  # fmt: skip
     if hardware.device == "cuda":
         import torch
 

@@ -21,7 +21,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from incr_cli import checkpoint, faults, metrics, plots
+from incr_cli import checkpoint, distributed, faults, metrics, plots
 from incr_cli.config import ConfigError, to_container
 from incr_cli.console import TrainingProgress, accuracy_table, console, summary_table
 from incr_cli.data.batches import DeviceBatches, Preprocess, eval_batches
@@ -53,6 +53,8 @@ class Optimization:
     def __init__(self, optimizer, scaler, hardware: Hardware, on_nonfinite: str, where: Callable[[], str]):
         self.optimizer, self.scaler, self.hardware = optimizer, scaler, hardware
         self.on_nonfinite, self.where = on_nonfinite, where
+        self.parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        self.weight = 1.0  # hardware=ddp: the current batch's share, set by the engine per batch
 
     def autocast(self):
         return self.hardware.autocast()
@@ -61,7 +63,10 @@ class Optimization:
         """Backpropagate `loss`; False when the batch is to be skipped (non-finite, on_nonfinite=skip_batch)."""
         # One scalar read per step (a host sync on a GPU): the price of naming the exact step and of
         # skipping a batch before it touches the weights.
-        if not torch.isfinite(loss):
+        nonfinite = not torch.isfinite(loss)
+        if distributed.active():  # every rank skips or stops together
+            (nonfinite,) = distributed.agree(nonfinite)
+        if nonfinite:
             if self.on_nonfinite == "skip_batch":
                 log.warning("non-finite loss (%s) at %s: batch skipped", loss.item(), self.where())
                 self.optimizer.zero_grad(set_to_none=True)
@@ -69,6 +74,8 @@ class Optimization:
             raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at {self.where()}; the last good checkpoint is "
                                 "kept (train.on_nonfinite=skip_batch skips such batches instead)")  # fmt: skip
         self.scaler.scale(loss).backward()
+        if distributed.active():
+            distributed.average_gradients(self.parameters, self.weight)
         return True
 
     def step(self) -> None:
@@ -110,6 +117,8 @@ def setup_hardware(cfg: DictConfig) -> Hardware:
     else:
         torch.backends.cudnn.benchmark = True
     dtype = getattr(torch, cfg.amp_dtype) if cfg.amp else None
+    if cfg.distributed:
+        return Hardware(distributed.start("cuda" if cuda else "cpu"), dtype)
     return Hardware(torch.device("cuda" if cuda else "cpu"), dtype)
 
 
@@ -180,7 +189,8 @@ class Run:
         # checkpoint at step S precedes anything logged at S (an epoch that ended at S is logged after it).
         resumed = self.position.step - (1 if self.position.started else 0) if cfg.resume else None
         run_id = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
-        self.loggers = RunLoggers(cfg.logger, run_dir, self.config, run_id, resumed)
+        self.writes = distributed.is_main()  # hardware=ddp: rank 0 alone writes files and prints
+        self.loggers = RunLoggers(cfg.logger, run_dir, self.config, run_id, resumed, write=self.writes)
 
     def restore(self) -> None:
         """Continue from the newest checkpoint that loads; an unusable one is named and skipped."""
@@ -240,7 +250,8 @@ class Run:
         self.metrics["run"]["status"] = "finished"
         self.metrics["wall_seconds"] += time.perf_counter() - started
         self.write_results(plots_too=True)
-        console.print(summary_table(self.metrics))
+        if self.writes:
+            console.print(summary_table(self.metrics))
         log.info("finished; results in %s", self.run_dir)
         return self.metrics
 
@@ -280,6 +291,7 @@ class Run:
             epoch_seconds, epoch_samples = 0.0, 0
             tick = time.perf_counter()
             for batch in batches.epoch(position.epoch, start=position.batch):
+                optimization.weight = batch.weight
                 self._epoch_loss += self.strategy.training_step(batch, optimization).float()
                 position.batch += 1
                 position.step += 1
@@ -400,9 +412,10 @@ class Run:
         m["parameters"], m["model_bytes"] = model_size(self.model)
         m["peak_memory_bytes"] = self._peak_memory()
         step = len(m["class_il"]["accuracy_matrix"])
-        console.print(
-            accuracy_table(m["class_il"]["accuracy_matrix"], f"class-IL accuracy after task {step}")
-        )
+        if self.writes:
+            console.print(
+                accuracy_table(m["class_il"]["accuracy_matrix"], f"class-IL accuracy after task {step}")
+            )
         log.info("task %d: average accuracy %.4f (class-IL), %.4f (task-IL); %.1f s training, %.0f samples/s",
                  step, m["class_il"]["average_accuracy"][-1], m["task_il"]["average_accuracy"][-1],
                  m["per_task"][-1]["train_seconds"], m["per_task"][-1]["samples_per_second"])  # fmt: skip
@@ -414,6 +427,8 @@ class Run:
 
     def write_results(self, plots_too: bool = False) -> None:
         """metrics.json and accuracy_matrix.csv after every task; the plots at the end (matplotlib is slow)."""
+        if not self.writes:
+            return
         m = self.metrics
         checkpoint.write_json(self.run_dir / "metrics.json", m)
         matrix = m["class_il"]["accuracy_matrix"]
@@ -452,7 +467,11 @@ class Run:
                 signal.signal(s, handler)
 
     def _stop_if_signalled(self, optimizer, scheduler, scaler) -> None:
-        if self._signal is None:
+        stop = self._signal is not None
+        if distributed.active():  # ranks stop at the same step, or the others would wait forever
+            (stop,) = distributed.agree(stop)
+            self._signal = self._signal or (signal.SIGTERM if stop else None)
+        if not stop:
             return
         if optimizer is not None:  # between tasks, the task-end checkpoint is already the latest
             self.save_checkpoint(optimizer, scheduler, scaler)
@@ -498,6 +517,9 @@ class Run:
             path = self.checkpoints / f"task_{task_end + 1}.pt"
         else:
             path = self.checkpoints / f"step_{self.position.step:08d}.pt"
+        if not self.writes:
+            self._last_save = time.monotonic()
+            return
         checkpoint.save(path, state)
         checkpoint.link(path, self.checkpoints / "last.pt")
         if task_end is None:

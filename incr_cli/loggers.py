@@ -131,10 +131,12 @@ class WandbScalars:
 class RunLoggers:
     """scalars.csv plus the chosen library; the engine calls these three methods and `close`."""
 
-    def __init__(
-        self, cfg: DictConfig | None, run_dir: Path, config: dict, run_id: str, resume_step: int | None
-    ):
-        self.sinks: list = [CsvScalars(run_dir, resume_step)]
+    def __init__(self, cfg: DictConfig | None, run_dir: Path, config: dict, run_id: str, resume_step: int | None,
+                 write: bool = True):  # fmt: skip
+        self.sinks: list = []
+        if not write:  # hardware=ddp: ranks other than 0
+            return
+        self.sinks.append(CsvScalars(run_dir, resume_step))
         name = "csv" if cfg is None else cfg.get("name", "csv")
         if name == "tensorboard":
             self.sinks.append(TensorBoardScalars(cfg, run_dir, resume_step))

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor
 
+from incr_cli import distributed
+
 
 @dataclass
 class Batch:
@@ -18,19 +20,22 @@ class Batch:
 
     x: Tensor
     y: Tensor
+    # hardware=ddp: this rank's share of the global batch, its weight in the gradient average
+    weight: float = 1.0
 
     def __len__(self) -> int:
         return len(self.y)
 
     def join(self, other: Batch) -> Batch:
-        return Batch(torch.cat([self.x, other.x]), torch.cat([self.y, other.y]))
+        return Batch(torch.cat([self.x, other.x]), torch.cat([self.y, other.y]), self.weight)
 
 
 class DeviceBatches:
     """Shuffled mini-batches of `index` into tensors that already live on the training device.
 
     Each epoch's order comes from a generator seeded by (seed, task, epoch) alone, so a run resumed in the
-    middle of an epoch cuts exactly the batches the uninterrupted run would have cut."""
+    middle of an epoch cuts exactly the batches the uninterrupted run would have cut, and under hardware=ddp
+    every rank cuts the same global batches and keeps its own slice."""
 
     def __init__(self, x: Tensor, y: Tensor, index: Tensor, batch_size: int, seed: int, task_id: int):
         self.x, self.y, self.index = x, y, index
@@ -43,8 +48,8 @@ class DeviceBatches:
         generator = torch.Generator().manual_seed(self.seed * 1_000_000 + self.task_id * 1_000 + epoch)
         order = self.index[torch.randperm(len(self.index), generator=generator).to(self.index.device)]
         for first in range(start * self.batch_size, len(order), self.batch_size):
-            rows = order[first : first + self.batch_size]
-            yield Batch(self.x[rows], self.y[rows])
+            rows, weight = distributed.shard(order[first : first + self.batch_size])
+            yield Batch(self.x[rows], self.y[rows], weight)
 
 
 def eval_batches(x: Tensor, batch_size: int) -> Iterator[Tensor]:
@@ -68,11 +73,16 @@ class Preprocess:
         self.flip = bool(dataset.augment.horizontal_flip)
         self.rotation = float(dataset.augment.rotation_degrees)
         self.channels_last = channels_last
+        self.rank_generator: torch.Generator | None = None
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Evaluation transform without a generator; with one, the training transform (augmentation)."""
         x = x.float() * self.scale
-        if generator is not None:
+        if generator is not None and (self.crop_padding or self.flip or self.rotation):
+            if distributed.active():
+                # Ranks augment slices of different sizes: drawing from the shared run generator would make
+                # its state, and so every later shared draw (replay samples), differ from rank to rank.
+                generator = self._rank_generator(generator.device)
             if self.crop_padding:
                 x = random_crop(x, self.crop_padding, generator)
             if self.flip:
@@ -81,6 +91,12 @@ class Preprocess:
                 x = random_rotation(x, self.rotation, generator)
         x = (x - self.mean) / self.std
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def _rank_generator(self, device: torch.device) -> torch.Generator:
+        if self.rank_generator is None:
+            seed = torch.initial_seed() + 7919 * distributed.rank()
+            self.rank_generator = torch.Generator(device=device).manual_seed(seed)
+        return self.rank_generator
 
 
 def random_crop(x: Tensor, padding: int, generator: torch.Generator) -> Tensor:

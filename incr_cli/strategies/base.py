@@ -45,6 +45,9 @@ class Strategy:
     """Fine-tuning: cross-entropy on the current task's batches over the classes seen so far."""
 
     scenarios: tuple[str, ...] = ("class_il",)
+    # hardware=ddp: True once a method is known to keep its state identical on every rank while each rank
+    # sees only its slice of a batch (no state updated from the slice, no extra backward passes)
+    supports_distributed: bool = False
 
     def setup(self, context: Context) -> None:
         self.context = context

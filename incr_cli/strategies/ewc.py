@@ -102,6 +102,8 @@ class EWC(Strategy):
     learning rate 0.01: the penalty's curvature is lambda * F, and with P1's 0.05 and momentum 0.9 it can
     make SGD diverge (a non-finite loss) late in the stream."""
 
+    supports_distributed = True  # its state comes from whole tasks, never from one rank's slice
+
     def __init__(self, ewc_lambda: float, mode: str = "separate", gamma: float = 1.0):
         if mode not in MODES:
             raise ValueError(f"EWC mode must be one of {', '.join(MODES)}, got {mode!r}")

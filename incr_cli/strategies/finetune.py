@@ -7,3 +7,5 @@ class Finetune(Strategy):
     """Trains on each task in turn with plain cross-entropy and nothing against forgetting.
 
     The naive baseline of every continual-learning paper (Avalanche's `Naive`, Mammoth's `sgd`)."""
+
+    supports_distributed = True  # its state comes from whole tasks, never from one rank's slice

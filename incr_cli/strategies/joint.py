@@ -13,5 +13,7 @@ class Joint(Strategy):
     Not a continual method: it stores all data. Its final accuracy bounds what a method could reach with the
     same model and budget; the last task's row equals training once on the whole data set, continued."""
 
+    supports_distributed = True  # its state comes from whole tasks, never from one rank's slice
+
     def training_indices(self, task: Task) -> Tensor:
         return torch.cat([t.train_index for t in self.stream.tasks[: task.id + 1]])

@@ -44,6 +44,8 @@ class LearningWithoutForgetting(Strategy):
 
     The frozen copy's weights go through `state_dict`, so resume is exact."""
 
+    supports_distributed = True  # its state comes from whole tasks, never from one rank's slice
+
     def __init__(self, alpha: float = 1.0, temperature: float = 2.0):
         if alpha < 0 or temperature <= 0:
             raise ValueError(f"LwF needs alpha >= 0 and temperature > 0, got {alpha=}, {temperature=}")

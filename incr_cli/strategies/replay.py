@@ -19,6 +19,8 @@ class Replay(Strategy):
     to the memory (reservoir or class-balanced selection). Defaults: memory 200 (P1) / 500 (P2), replay
     batch equal to the training batch (Avalanche's `batch_size_mem`, Mammoth's `minibatch_size`)."""
 
+    supports_distributed = True  # its state comes from whole tasks, never from one rank's slice
+
     def __init__(self, memory: Memory, replay_batch_size: int | None = None):
         self.memory = memory
         self.replay_batch_size = replay_batch_size

@@ -1,0 +1,67 @@
+"""hardware=ddp on CPU: two gloo processes started by torchrun train the same model as one process with the
+same global batch, rank 0 alone writes, and what ddp cannot run is refused before training."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import incr, run_experiment
+
+SETTINGS = ["strategy=finetune", "epochs=2", "progress=false"]
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("INCR_FAULT", None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "incr_cli", "train", *args]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_path):
+    # digits, 5 tasks, batch 32: each rank trains on 16 rows of every global batch (the last batch of an
+    # epoch is split 8 + 7 or so, weighted by size), and the averaged gradient is the global batch's.
+    result = torchrun("hardware=ddp", "hardware.device=cpu", *SETTINGS, f"hydra.run.dir={tmp_path / 'ddp'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    single = run_experiment(tmp_path / "single", ["hardware=cpu", "hardware.num_threads=1", *SETTINGS])
+    ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert ddp["run"]["status"] == "finished"
+    # Stated tolerance: float sums in another order; 1e-6 on the accuracies (1/144 is one test image).
+    for scenario in ("class_il", "task_il"):
+        for got, want in zip(
+            ddp[scenario]["accuracy_matrix"], single[scenario]["accuracy_matrix"], strict=True
+        ):
+            assert got == pytest.approx(want, abs=1e-6)
+    ddp_weights = torch.load(tmp_path / "ddp" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    single_weights = torch.load(tmp_path / "single" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    for name, value in single_weights.items():
+        torch.testing.assert_close(ddp_weights[name], value, rtol=1e-4, atol=1e-5)
+    # Rank 0 wrote the run directory; rank 1's Hydra files went to a scratch folder it removed.
+    assert (tmp_path / "ddp" / ".hydra" / "config.yaml").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "single"]
+
+
+def test_ddp_outside_torchrun_is_a_one_line_error(tmp_path):
+    result = incr("train", "hardware=ddp", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    assert "hardware=ddp runs under torchrun: torchrun --nproc_per_node=N -m incr_cli train" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_strategy_with_per_batch_state_is_refused_under_ddp(tmp_path, monkeypatch):
+    # DER stores each batch's logits: a rank sees only its slice, so the memories would differ.
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    result = subprocess.run(
+        [sys.executable, "-m", "incr_cli", "train", "hardware=ddp", "strategy=der", f"hydra.run.dir={tmp_path}/r"],
+        capture_output=True, text=True, timeout=120, env={**os.environ},
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "DarkExperienceReplay does not run under hardware=ddp yet; strategies that do: " in result.stderr
+    assert "finetune" in result.stderr and "replay" in result.stderr
