@@ -1,0 +1,218 @@
+"""Bias Correction (BiC): exemplars and distillation, then a two-parameter linear correction of the newest
+classes' logits, fitted on a held-out part of the memory."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from incr_cli.data.batches import Batch
+from incr_cli.data.stream import Task
+from incr_cli.memory import Memory
+from incr_cli.strategies.base import Context
+from incr_cli.strategies.lwf import LearningWithoutForgetting, distillation_loss
+
+
+class ExemplarDistillation(LearningWithoutForgetting):
+    """The first stage that BiC (Wu et al. 2019) and WA (Zhao et al. 2020) share: the task's data and the
+    exemplar memory form one training set (each sample once per epoch, as the papers concatenate them, so
+    the old classes stay as under-represented as they are), and each step minimises
+
+        L = lambda * L_KD + (1 - lambda) * CE(f(x), y),    lambda = n / (n + m),
+
+    with n old and m new classes, CE over the n + m classes seen so far and L_KD the distillation over the
+    old classes at temperature T against the frozen network of the end of the previous task (LwF's frozen
+    copy, checkpointed): -sum_k softmax(o_old / T)_k log softmax(f(x)_old / T)_k. `distillation_loss` is
+    T^2 times the KL divergence; divided by T^2 it is this cross-entropy minus the soft targets' entropy, a
+    constant, so the gradients are the papers'. The memory keeps each exemplar's row in the stream's training
+    tensors (an `index` extra) so that the engine's batches can draw exemplars and new samples together;
+    after each task the task's training data are offered to the memory (herding, as iCaRL's, by default)."""
+
+    def __init__(self, memory: Memory, temperature: float = 2.0):
+        if temperature <= 0:
+            raise ValueError(f"temperature={temperature} must be > 0")
+        super().__init__(alpha=1.0, temperature=temperature)
+        self.memory = memory
+
+    def memory_index(self) -> Tensor:
+        """Rows of the stream's training tensors that the memory holds."""
+        if not len(self.memory):
+            return torch.zeros(0, dtype=torch.long, device=self.context.device)
+        return self.memory.extras["index"]
+
+    def training_indices(self, task: Task) -> Tensor:
+        return torch.cat([task.train_index, self.memory_index().to(task.train_index.device)])
+
+    def calibrated(self, logits: Tensor) -> Tensor:
+        """Logits as the method scores them (BiC corrects those of earlier tasks' classes)."""
+        return logits
+
+    def loss(self, batch: Batch) -> Tensor:
+        x = self.context.preprocess(batch.x, self.rng)
+        logits = self.calibrated(self.model(x))
+        loss = F.cross_entropy(logits, batch.y)
+        if self.old_model is None:
+            return loss
+        with torch.no_grad():
+            old_logits = self.calibrated(self.old_model(x))[:, : self.old_classes]
+        distillation = distillation_loss(logits[:, : self.old_classes], old_logits, self.temperature)
+        weight = self.old_classes / logits.shape[1]  # lambda = n / (n + m)
+        return weight * distillation / self.temperature**2 + (1 - weight) * loss
+
+    def remember(self, task: Task) -> None:
+        rows = task.train_index
+        x, y = self.stream.train_x[rows], self.stream.train_y[rows]
+        features = self.features(x) if self.memory.needs_features else None
+        self.memory.add(x, y, self.rng, features=features, index=rows)
+
+    def after_task(self, task: Task) -> None:
+        self.remember(task)
+
+
+def fit_bias_correction(
+    logits: Tensor, labels: Tensor, first_new: int, epochs: int, lr: float
+) -> tuple[float, float]:
+    """(alpha, beta) that minimise the mean cross-entropy of q = [o_1..o_n, alpha * o_n+1.. + beta] on
+    (`logits`, `labels`), the columns from `first_new` on being the new classes': Adam from (1, 0), one
+    full-batch step per epoch. The loss is convex in (alpha, beta) (cross-entropy of logits affine in
+    them), but its minimum lies at infinity when the new classes' logits separate the samples perfectly;
+    a fixed number of steps, as the paper's fixed number of epochs, keeps the fit finite."""
+    logits, labels = logits.detach().float(), labels.detach()
+    old, new = logits[:, :first_new], logits[:, first_new:]
+    correction = torch.tensor([1.0, 0.0], device=logits.device, requires_grad=True)
+    optimizer = torch.optim.Adam([correction], lr=lr)
+    with torch.enable_grad():
+        for _ in range(epochs):
+            corrected = torch.cat([old, correction[0] * new + correction[1]], dim=1)
+            loss = F.cross_entropy(corrected, labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    alpha, beta = correction.detach().tolist()
+    return alpha, beta
+
+
+class BiasCorrection(ExemplarDistillation):
+    """BiC (Wu, Chen, Wang, Ye, Liu, Guo and Fu 2019, "Large Scale Incremental Learning", CVPR 2019).
+
+    Stage 1 (the task's epochs): `ExemplarDistillation`, L = lambda * L_KD + (1 - lambda) * CE with
+    lambda = n / (n + m) (the paper's Eq. 3), T = 2, on the task's data and the exemplars, less a held-out
+    validation part of both. Stage 2 (`after_task`, every task but the first): with the network frozen, a
+    bias correction layer rescales the logits of the task's m new classes,
+
+        q_k = o_k (k <= n),    q_k = alpha * o_k + beta (n < k <= n + m)    (the paper's Eq. 4),
+
+    (alpha, beta) minimising the cross-entropy of softmax(q) on the validation part (Eq. 5). Each task keeps
+    its (alpha, beta): the network's logits pass through all of them from then on, in training (of this
+    network and of the frozen copy it distils from) and in `predict`, as PyCIL's BiC does.
+
+    The validation part (the paper's 9:1 train:validation split of the exemplars, balanced between old and
+    new classes): at the start of a task, k = max(1, floor(val_fraction * |memory| / n)) exemplars of each
+    old class and k training samples of each new class are drawn at random (PyCIL's split); stage 1 never
+    sees them. The memory is filled after stage 2 from all of the task's training data, so an exemplar held
+    out in one task may be trained on in a later one, and each task draws its own split. The split (memory
+    rows and stream rows) and every task's (alpha, beta) are checkpointed.
+
+    Stage 2 runs on the logits of the un-augmented validation samples (evaluation transform, eval mode),
+    computed once since nothing before the correction changes; `fit_bias_correction` then takes
+    `bias_epochs` full-batch Adam steps of rate `bias_lr` (250 steps at 0.01 move alpha and beta by at
+    most 2.5). Public ports train (alpha, beta) for as many epochs as stage 1 (PyCIL: 250 on CIFAR-100, SGD
+    at 0.1 with its stage-1 schedule; another port: Adam at 1e-3). Defaults: T = 2 (the paper's),
+    val_fraction 0.1 (9:1), memory 2,000 exemplars on CIFAR-100 in the paper (200 here, P1), herding
+    selection (iCaRL's)."""
+
+    def __init__(
+        self,
+        memory: Memory,
+        temperature: float = 2.0,
+        val_fraction: float = 0.1,
+        bias_epochs: int = 250,
+        bias_lr: float = 0.01,
+    ):
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"val_fraction={val_fraction} must be in (0, 1)")
+        if bias_epochs < 0:
+            raise ValueError(f"bias_epochs={bias_epochs} must be 0 or more")
+        if bias_lr <= 0:
+            raise ValueError(f"bias_lr={bias_lr} must be > 0")
+        super().__init__(memory, temperature)
+        self.val_fraction = float(val_fraction)
+        self.bias_epochs, self.bias_lr = int(bias_epochs), float(bias_lr)
+
+    def setup(self, context: Context) -> None:
+        super().setup(context)
+        tasks = self.stream.tasks
+        # one (alpha, beta) per task, (1, 0) until fitted; the first task's stays (1, 0)
+        self.bias_layers = torch.tensor([[1.0, 0.0]] * len(tasks), device=context.device)
+        task_of_class = torch.empty(self.stream.n_classes, dtype=torch.long)
+        for task in tasks:
+            task_of_class[task.classes] = task.id
+        self.task_of_class = task_of_class.to(context.device)
+        empty = torch.zeros(0, dtype=torch.long, device=context.device)
+        self.val_rows, self.val_index = empty, empty  # memory rows, stream rows
+
+    def calibrated(self, logits: Tensor) -> Tensor:
+        layer = self.bias_layers[self.task_of_class[: logits.shape[1]]]
+        return logits * layer[:, 0] + layer[:, 1]
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        return self.calibrated(self.model.forward_all(x))
+
+    # ------------------------------------------------------------------ the validation split
+    def _draw_per_class(self, labels: Tensor, k: int) -> Tensor:
+        """Positions in `labels` of k samples drawn at random from each class (all of a smaller class)."""
+        chosen = [labels.new_zeros(0)]
+        for label in torch.unique(labels).tolist():
+            members = torch.nonzero(labels == label).flatten()
+            order = torch.randperm(len(members), generator=self.rng, device=self.rng.device)
+            chosen.append(members[order[:k].to(members.device)])
+        return torch.cat(chosen)
+
+    def before_task(self, task: Task) -> None:
+        super().before_task(task)
+        empty = torch.zeros(0, dtype=torch.long, device=self.context.device)
+        self.val_rows, self.val_index = empty, empty
+        if self.old_classes == 0 or not len(self.memory):
+            return
+        k = max(1, int(self.val_fraction * len(self.memory) / self.old_classes))
+        self.val_rows = self._draw_per_class(self.memory.y, k)
+        self.val_index = task.train_index[self._draw_per_class(self.stream.train_y[task.train_index], k)]
+
+    def training_indices(self, task: Task) -> Tensor:
+        new = task.train_index[~torch.isin(task.train_index, self.val_index.to(task.train_index.device))]
+        keep = torch.ones(len(self.memory), dtype=torch.bool, device=self.context.device)
+        keep[self.val_rows] = False
+        return torch.cat([new, self.memory_index()[keep].to(new.device)])
+
+    # ------------------------------------------------------------------ stage 2
+    def after_task(self, task: Task) -> None:
+        if len(self.val_index):
+            self.correct_bias(task)
+        self.remember(task)
+
+    @torch.no_grad()
+    def correct_bias(self, task: Task) -> None:
+        x = torch.cat([self.memory.x[self.val_rows], self.stream.train_x[self.val_index]])
+        y = torch.cat([self.memory.y[self.val_rows], self.stream.train_y[self.val_index]])
+        was_training = self.model.training
+        self.model.eval()
+        # this task's layer is still (1, 0): the new classes' logits come out raw, earlier tasks' corrected
+        logits = self.calibrated(self.model(self.context.preprocess(x)))
+        self.model.train(was_training)
+        alpha, beta = fit_bias_correction(logits, y, task.classes[0], self.bias_epochs, self.bias_lr)
+        self.bias_layers[task.id] = torch.tensor([alpha, beta], device=self.bias_layers.device)
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["bias_layers"] = self.bias_layers.clone()
+        state["val_rows"], state["val_index"] = self.val_rows.clone(), self.val_index.clone()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.bias_layers = state["bias_layers"].to(self.context.device)
+        self.val_rows = state["val_rows"].to(self.context.device)
+        self.val_index = state["val_index"].to(self.context.device)
