@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -42,6 +43,8 @@ def job_overrides(argv: list[str]) -> list[list[str]] | None:
     ours = [o for o in parsed if not o.get_key_element().lstrip("+~").startswith("hydra")]
     if not args.multirun:
         return [[o.input_line for o in ours]]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("under torchrun (hardware=ddp) incr trains one run: drop -m and start one torchrun per run")
     return BasicSweeper.split_arguments(ours, max_batch_size=None)[0]
 
 
