@@ -2,7 +2,8 @@
 
 P2 (PROTOCOLS.md): Fashion-MNIST, 5 tasks of 2 classes in class order 0..9, one head over the classes seen so far;
 MLP 784-400-400-10; SGD lr 0.01 momentum 0.9, batch 128, 2 epochs per task; evaluation (batch 1,000) on the whole
-test stream after every task; CPU, 2 threads; seeds 0,1,2. Methods here: finetune, joint, replay (memory 500).
+test stream after every task; CPU, 2 threads; seeds 0,1,2. Methods here: every strategy of incr but MER (METHODS
+below: memory methods at P2's 500 samples).
 
 For each method this script runs ONE Hydra multirun of incr over the seeds, e.g.
     incr train -m experiment=split_fashion_mnist strategy=replay strategy.memory.size=500 seed=0,1,2 \
@@ -60,6 +61,14 @@ METHODS = {
     "si": [],
     "mas": [],
     "lwf": ["strategy.alpha=1", "strategy.temperature=2"],
+    "rwalk": [],
+    "icarl": ["strategy.memory.size=500"],
+    "lucir": ["strategy.memory.size=500"],
+    "podnet": ["strategy.memory.size=500"],
+    "bic": ["strategy.memory.size=500"],
+    "wa": ["strategy.memory.size=500"],
+    "der_expandable": ["strategy.memory.size=500"],
+    "foster": ["strategy.memory.size=500"],
     # mer is left out of the default list: s*k = 100 times fine-tuning's work (about 400 s a run here).
 }
 PLAIN_LOOP_METHODS = ("finetune", "joint", "replay")

@@ -98,13 +98,16 @@ class Memory:
 
     def _per_class(self, x, y, generator, features, extras) -> None:
         new_order = []
+        # No class keeps more than ceil(size / classes): herding need not order more (its order is a prefix).
+        n_classes = len(torch.unique(torch.cat([self.y, y])))
+        limit = -(-self.size // n_classes)
         for label in torch.unique(y).tolist():
             members = torch.nonzero(y == label).flatten()
             if features is None:
                 order = torch.randperm(len(members), generator=generator, device=generator.device)
                 new_order.append(members[order.to(members.device)])
             else:
-                new_order.append(members[herding_order(features[members], limit=self.size)])
+                new_order.append(members[herding_order(features[members], limit=limit)])
         new_order = torch.cat(new_order)
         # Old samples first, then the new ones in their queue order; a stable sort by class keeps both orders.
         all_y = torch.cat([self.y, y[new_order]])
@@ -147,15 +150,17 @@ def herding_order(features: Tensor, limit: int | None = None) -> Tensor:
     """Indices of the first `limit` (default: all) `features` rows in herding order (Welling 2009; iCaRL,
     Rebuffi et al. 2017, Alg. 4)."""
     phi = torch.nn.functional.normalize(features.float(), dim=1)
-    mean = phi.mean(0)
+    # With unit rows, ||mean - (r + phi_i) / k||^2 = const + (2 / k^2) (r . phi_i - k mean . phi_i): the argmin
+    # needs two running dot products per row, not a distance to every row in every step.
+    toward_mean = phi @ phi.mean(0)
+    toward_chosen = torch.zeros_like(toward_mean)
     chosen = torch.zeros(len(phi), dtype=torch.bool, device=phi.device)
-    running = torch.zeros_like(mean)
     order = []
     for k in range(1, min(len(phi), limit or len(phi)) + 1):
-        distance = (mean - (running + phi) / k).norm(dim=1)
-        distance[chosen] = float("inf")
-        pick = int(distance.argmin())
+        score = toward_chosen - k * toward_mean
+        score[chosen] = float("inf")
+        pick = int(score.argmin())
         order.append(pick)
         chosen[pick] = True
-        running += phi[pick]
+        toward_chosen += phi @ phi[pick]
     return torch.tensor(order, device=features.device)
