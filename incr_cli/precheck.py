@@ -44,7 +44,9 @@ def job_overrides(argv: list[str]) -> list[list[str]] | None:
     if not args.multirun:
         return [[o.input_line for o in ours]]
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("under torchrun (hardware=ddp) incr trains one run: drop -m and start one torchrun per run")
+        raise ConfigError(
+            "under torchrun (hardware=ddp) incr trains one run: drop -m and start one torchrun per run"
+        )
     return BasicSweeper.split_arguments(ours, max_batch_size=None)[0]
 
 
