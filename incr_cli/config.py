@@ -46,6 +46,10 @@ class DatasetConfig:
     class_order: list[int] | None = None
     class_order_seed: int | None = None
     val_fraction: float = 0.0
+    scenario: str = "class_il"
+    domains: str | None = None
+    domain_seed: int = 0
+    rotation_degrees: list[float] | None = None
     normalize: bool = False
     mean: list[float] = field(default_factory=lambda: [0.0])
     std: list[float] = field(default_factory=lambda: [1.0])
@@ -73,6 +77,7 @@ class DataConfig:
 @dataclass
 class LoopConfig:
     on_nonfinite: str = "stop"
+    online: bool = False
 
 
 @dataclass
@@ -143,9 +148,16 @@ def check_config(cfg: DictConfig, *, check_data: bool = True) -> None:
             raise ConfigError(f"strategy.memory.size={memory.size} must be 0 or more")
         _check_choice("strategy.memory.selection", memory.get("selection", "reservoir"), SELECTIONS)
     strategy = _check_builds("strategy", cfg.strategy)
+    name = cfg.strategy._target_.rsplit(".", 1)[-1]
+    if cfg.dataset.scenario not in strategy.scenarios:
+        raise ConfigError(f"{name} is not made for dataset.scenario={cfg.dataset.scenario}; its scenarios: "
+                          f"{', '.join(strategy.scenarios)}")  # fmt: skip
+    if cfg.train.online and not strategy.supports_online:
+        raise ConfigError(f"{name} does not learn online (train.online=true); strategies that do: "
+                          f"{', '.join(_strategies_with('supports_online'))}")  # fmt: skip
     if cfg.hardware.distributed and not getattr(strategy, "supports_distributed", False):
-        raise ConfigError(f"{cfg.strategy._target_.rsplit('.', 1)[-1]} does not run under hardware=ddp yet; "
-                          f"strategies that do: {', '.join(_distributed_strategies())}")  # fmt: skip
+        raise ConfigError(f"{name} does not run under hardware=ddp yet; strategies that do: "
+                          f"{', '.join(_strategies_with('supports_distributed'))}")  # fmt: skip
     if check_data:
         from incr_cli.data.sources import check_available
 
@@ -187,14 +199,14 @@ def _check_builds(key: str, node: DictConfig) -> Any:
         raise ConfigError(f"{key}: {cause}".splitlines()[0]) from None
 
 
-def _distributed_strategies() -> list[str]:
-    """strategy= choices whose class declares `supports_distributed` (its per-batch state is rank-free)."""
+def _strategies_with(flag: str) -> list[str]:
+    """strategy= choices whose class sets `flag` (supports_distributed, supports_online)."""
     from hydra.utils import get_class
 
     names = []
     for path in sorted((config_dir() / "strategy").glob("*.yaml")):
         target = OmegaConf.load(path).get("_target_")
-        if target and getattr(get_class(target), "supports_distributed", False):
+        if target and getattr(get_class(target), flag, False):
             names.append(path.stem)
     return names
 
@@ -210,11 +222,32 @@ def _check_choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
         raise ConfigError(f"{key}={value} is not valid; choose one of: {', '.join(valid)}")
 
 
+SCENARIOS = ("class_il", "task_il", "domain_il")
+DOMAINS = ("permuted", "rotated")
+
+
+def _check_domains(dataset: DictConfig) -> None:
+    if dataset.domains not in DOMAINS:
+        raise ConfigError(f"dataset.scenario=domain_il needs dataset.domains: one of {', '.join(DOMAINS)} "
+                          f"(got {dataset.domains})")  # fmt: skip
+    angles = dataset.rotation_degrees
+    if dataset.domains == "rotated" and angles is not None and len(angles) != dataset.n_tasks:
+        raise ConfigError(f"dataset.rotation_degrees lists {len(angles)} angles for {dataset.n_tasks} tasks; "
+                          "give one per task, or null for evenly spaced angles")  # fmt: skip
+
+
 def _check_stream(dataset: DictConfig) -> None:
     n_classes, n_tasks, initial = dataset.num_classes, dataset.n_tasks, dataset.initial_classes
     if n_tasks < 1:
         raise ConfigError(f"dataset.n_tasks={n_tasks} must be at least 1")
-    if initial is None:
+    _check_choice("dataset.scenario", dataset.scenario, SCENARIOS)
+    if dataset.scenario == "domain_il":
+        _check_domains(dataset)
+    elif dataset.domains is not None:
+        raise ConfigError(f"dataset.domains={dataset.domains} needs dataset.scenario=domain_il")
+    if dataset.scenario == "domain_il":
+        pass  # every task has every class: nothing to divide
+    elif initial is None:
         if n_classes % n_tasks:
             divisors = [d for d in range(1, n_classes + 1) if n_classes % d == 0]
             raise ConfigError(

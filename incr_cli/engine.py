@@ -171,10 +171,11 @@ class Run:
             self.model.backbone.compile()
         self.preprocess = Preprocess(cfg.dataset, self.stream.max_value, device, cfg.hardware.channels_last)
         self.rng = torch.Generator(device=device).manual_seed(cfg.seed)
+        self.epochs = 1 if cfg.train.online else cfg.epochs  # online: one pass over the stream
         self.strategy: Strategy = instantiate(cfg.strategy)
         self.strategy.setup(Context(
             self.model, self.stream, self.preprocess, self.rng, device, self.make_optimizer,
-            cfg.batch_size, cfg.epochs, cfg.seed,
+            cfg.batch_size, self.epochs, cfg.seed, cfg.dataset.scenario,
         ))  # fmt: skip
         self.checkpoints = run_dir / "checkpoints"
         self.position = Position()
@@ -279,12 +280,12 @@ class Run:
         if timing is None:
             timing = {"task": task.id, "train_seconds": 0.0, "samples": 0, "steps": 0}
             self.metrics["per_task"].append(timing)
-        self.progress.start_task(task.id, cfg.epochs, task.id)
+        self.progress.start_task(task.id, self.epochs, task.id)
         log.info("task %d/%d: classes %s, %d training samples",
                  task.id + 1, len(self.stream.tasks), [self.stream.class_names[c] for c in task.classes], len(indices))  # fmt: skip
         optimization = Optimization(optimizer, scaler, self.hardware, cfg.train.on_nonfinite, self._where)
         self.model.train()
-        while position.epoch < cfg.epochs:
+        while position.epoch < self.epochs:
             self.progress.start_epoch(position.epoch, len(batches), position.batch)
             # summed on the device, read once per epoch (and at checkpoints): no per-batch synchronisation
             self._epoch_loss = torch.tensor(position.epoch_loss, device=self.hardware.device)
@@ -347,15 +348,15 @@ class Run:
     def evaluate(self, n_seen: int) -> tuple[list[float], list[float], dict]:
         """Class-IL accuracy (argmax over the classes seen so far) and task-IL accuracy (argmax within the
         task's own classes) on every task's test set (or held-out part, `evaluate_on=val`), seen and future;
-        and the seen classes' confusion."""
+        and the confusion over the tasks trained so far. In domain-IL every task has every class, so the
+        two are equal: the class-IL matrix is the domain-IL accuracy."""
         self.model.eval()
         stream = self.stream
         faults.reach("evaluate")
-        images, y = stream.evaluation_split(self.cfg.evaluate_on)
+        images, y, task_of_sample = stream.evaluation_split(self.cfg.evaluate_on)
         with self.hardware.autocast():
             scores = torch.cat([self.strategy.predict(self.preprocess(x)).float()
                                 for x in eval_batches(images, self.cfg.eval_batch_size)])  # fmt: skip
-        task_of_sample = stream.task_ids(y)
         if n_seen:
             class_prediction = scores[:, :n_seen].argmax(1)
         else:  # nothing learned yet: no class can be predicted
@@ -374,7 +375,7 @@ class Run:
 
         final = {}
         if n_seen:
-            seen_rows = y < n_seen
+            seen_rows = task_of_sample <= self.position.task  # the tasks trained so far
             confusion = metrics.confusion_matrix(y[seen_rows], class_prediction[seen_rows], n_seen)
             final = {**metrics.precision_recall_f1(confusion), "confusion_matrix": confusion.tolist()}
         return per_task(class_prediction == y), per_task(task_prediction == y), final
@@ -387,6 +388,7 @@ class Run:
                 "strategy": self.names["strategy"], "dataset": self.names["dataset"], "model": self.names["model"],
                 "seed": self.cfg.seed, "config_hash": self.config_hash, "device": str(self.hardware.device),
                 "status": "running", "n_tasks": len(stream.tasks), "evaluated_on": self.cfg.evaluate_on,
+                "scenario": self.cfg.dataset.scenario, "online": self.cfg.train.online,
             },
             "tasks": [{"task": t.id, "classes": t.classes, "class_names": [stream.class_names[c] for c in t.classes],
                        "original_classes": [stream.class_order[c] for c in t.classes],
@@ -512,6 +514,10 @@ class Run:
             "strategy": self.strategy.state_dict(),
             "rng": checkpoint.rng_state(self.rng),
             "metrics": self.metrics,
+            # what `incr predict` and `incr export` need without the training data
+            "config": self.config,
+            "class_names": self.stream.class_names,
+            "max_value": self.stream.max_value,
         }
         if task_end is not None:
             path = self.checkpoints / f"task_{task_end + 1}.pt"

@@ -1,10 +1,19 @@
-"""uint8 tensors -> a stream of tasks: class order, task splits, validation hold-out, labels renumbered."""
+"""uint8 tensors -> a stream of tasks: class order, task splits, validation hold-out, labels renumbered.
+
+Three scenarios (`dataset.scenario`, van de Ven et al. 2022, "Three types of incremental learning"):
+- class_il: each task brings new classes; at test time the model picks among all classes seen so far;
+- task_il: the same split by classes, but the task of a test sample is given and the prediction is restricted
+  to that task's classes (training masks the other classes' scores: one head per task, in effect);
+- domain_il: every task has all classes and a different input distribution (`dataset.domains`): a fixed
+  pixel permutation per task (permuted MNIST, Goodfellow et al. 2013) or a fixed rotation per task
+  (rotated MNIST). Each task's transformed copy of the data is built once, as uint8, on the device."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from incr_cli.data.sources import Source
@@ -54,23 +63,26 @@ class Stream:
         return Stream(**move, tasks=tasks, class_order=self.class_order, class_names=self.class_names,
                       max_value=self.max_value)  # fmt: skip
 
-    def test_task_ids(self) -> torch.Tensor:
-        """The task each test sample belongs to."""
-        return self.task_ids(self.test_y)
-
     def task_ids(self, labels: torch.Tensor) -> torch.Tensor:
+        """The task of each label, where tasks split the classes (class_il, task_il)."""
         task_of_label = torch.empty(self.n_classes, dtype=torch.long)
         for task in self.tasks:
             task_of_label[task.classes] = task.id
         return task_of_label.to(labels.device)[labels]
 
-    def evaluation_split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images and labels evaluated after every task: the test set, or the training samples every task
-        held out (`dataset.val_fraction`), for choosing hyper-parameters without looking at the test set."""
+    def evaluation_split(self, split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Images, labels and task ids evaluated after every task: every task's test samples, or the
+        training samples it held out (`dataset.val_fraction`), for choosing hyper-parameters without
+        looking at the test set."""
         if split == "test":
-            return self.test_x, self.test_y
-        rows = torch.cat([task.val_index for task in self.tasks])
-        return self.train_x[rows], self.train_y[rows]
+            x, y, rows = self.test_x, self.test_y, [task.test_index for task in self.tasks]
+        else:
+            x, y, rows = self.train_x, self.train_y, [task.val_index for task in self.tasks]
+        task_of_row = torch.cat(
+            [torch.full_like(r, task.id) for r, task in zip(rows, self.tasks, strict=True)]
+        )
+        rows = torch.cat(rows)
+        return x[rows], y[rows], task_of_row
 
 
 def resolve_class_order(dataset: DictConfig) -> list[int]:
@@ -91,6 +103,8 @@ def task_sizes(dataset: DictConfig) -> list[int]:
 
 
 def build_stream(source: Source, dataset: DictConfig) -> Stream:
+    if dataset.scenario == "domain_il":
+        return build_domain_stream(source, dataset)
     order = resolve_class_order(dataset)
     label_of_class = torch.empty(len(order), dtype=torch.long)
     label_of_class[torch.tensor(order)] = torch.arange(len(order))
@@ -114,3 +128,65 @@ def build_stream(source: Source, dataset: DictConfig) -> Stream:
         source.train_x, train_y, source.test_x, test_y, tasks, order,
         [source.class_names[c] for c in order], source.max_value,
     )  # fmt: skip
+
+
+def build_domain_stream(source: Source, dataset: DictConfig) -> Stream:
+    """Domain-IL: task k is the whole data set seen through transform k; labels are the original classes."""
+    n_tasks, classes = dataset.n_tasks, list(range(dataset.num_classes))
+    transforms = domain_transforms(dataset, tuple(source.train_x.shape[1:]))
+    train_x = torch.cat([transform(source.train_x) for transform in transforms])
+    test_x = torch.cat([transform(source.test_x) for transform in transforms])
+    n_train, n_test = len(source.train_y), len(source.test_y)
+    val_generator = torch.Generator().manual_seed(0)
+    tasks = []
+    for task_id in range(n_tasks):
+        train_index, val_index = [], []
+        for label in classes:
+            members = torch.nonzero(source.train_y == label).flatten()
+            members = members[torch.randperm(len(members), generator=val_generator)] + task_id * n_train
+            n_val = int(round(dataset.val_fraction * len(members)))
+            val_index.append(members[:n_val].sort().values)
+            train_index.append(members[n_val:].sort().values)
+        test_index = torch.arange(task_id * n_test, (task_id + 1) * n_test)
+        tasks.append(
+            Task(task_id, classes, torch.cat(train_index).sort().values, torch.cat(val_index), test_index)
+        )
+    return Stream(
+        train_x, source.train_y.repeat(n_tasks), test_x, source.test_y.repeat(n_tasks), tasks, classes,
+        list(source.class_names), source.max_value,
+    )  # fmt: skip
+
+
+def domain_transforms(dataset: DictConfig, shape: tuple[int, ...]) -> list:
+    """One uint8 -> uint8 image transform per task."""
+    if dataset.domains == "permuted":
+        # Every task, the first included, gets its own fixed permutation of the pixels (of all channels
+        # alike), drawn from dataset.domain_seed, so the stream does not depend on the run's seed.
+        generator = torch.Generator().manual_seed(int(dataset.domain_seed))
+        n_pixels = shape[1] * shape[2]
+        permutations = [torch.randperm(n_pixels, generator=generator) for _ in range(dataset.n_tasks)]
+        return [lambda x, p=p: x.flatten(2)[:, :, p].reshape(x.shape) for p in permutations]
+    angles = rotation_angles(dataset)
+    return [lambda x, a=a: rotate_uint8(x, a) for a in angles]
+
+
+def rotation_angles(dataset: DictConfig) -> list[float]:
+    """dataset.rotation_degrees per task, or evenly spaced over [0, 180): 0, 36, 72, ... for 5 tasks."""
+    if dataset.rotation_degrees is not None:
+        return [float(a) for a in dataset.rotation_degrees]
+    return [180.0 * k / dataset.n_tasks for k in range(dataset.n_tasks)]
+
+
+def rotate_uint8(x: torch.Tensor, degrees: float, chunk: int = 4096) -> torch.Tensor:
+    """Every image rotated by the same angle about its centre, bilinear, zeros outside; uint8 in and out."""
+    if degrees % 360 == 0:
+        return x.clone()
+    angle = torch.tensor(degrees * torch.pi / 180)
+    theta = torch.tensor([[angle.cos(), -angle.sin(), 0.0], [angle.sin(), angle.cos(), 0.0]])
+    out = torch.empty_like(x)
+    for i in range(0, len(x), chunk):
+        part = x[i : i + chunk].float()
+        grid = F.affine_grid(theta.expand(len(part), 2, 3), list(part.shape), align_corners=False)
+        rotated = F.grid_sample(part, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        out[i : i + chunk] = rotated.round().clamp(0, 255).to(torch.uint8)
+    return out

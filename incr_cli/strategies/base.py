@@ -39,12 +39,19 @@ class Context:
     batch_size: int
     epochs: int
     seed: int
+    scenario: str = "class_il"  # class_il | task_il | domain_il (incr_cli/data/stream.py)
 
 
 class Strategy:
     """Fine-tuning: cross-entropy on the current task's batches over the classes seen so far."""
 
-    scenarios: tuple[str, ...] = ("class_il",)
+    # The scenarios a method is meant for; methods that find their old classes as "the head minus this
+    # task's classes" (distillation, growing heads) have none of those in domain-IL, where every task has
+    # all classes, and leave it out.
+    scenarios: tuple[str, ...] = ("class_il", "task_il", "domain_il")
+    # train.online=true (one pass, no task-end access to the whole task): methods that learn and fill their
+    # memory batch by batch
+    supports_online: bool = False
     # hardware=ddp: True once a method is known to keep its state identical on every rank while each rank
     # sees only its slice of a batch (no state updated from the slice, no extra backward passes)
     supports_distributed: bool = False
@@ -61,7 +68,21 @@ class Strategy:
         return task.train_index
 
     def logits(self, batch: Batch) -> Tensor:
-        return self.model(self.context.preprocess(batch.x, self.rng))
+        scores = self.model(self.context.preprocess(batch.x, self.rng))
+        if self.context.scenario == "task_il":
+            scores = self.own_task_scores(scores, batch.y)
+        return scores
+
+    def own_task_scores(self, scores: Tensor, labels: Tensor) -> Tensor:
+        """Task-IL: each sample's scores outside its own task's classes are -inf, so the cross-entropy
+        trains one head per task (the task label is known at training and test time)."""
+        tasks = self.stream.tasks
+        first = torch.tensor([t.classes[0] for t in tasks], device=labels.device)
+        last = torch.tensor([t.classes[-1] for t in tasks], device=labels.device)
+        task = self.stream.task_ids(labels)
+        classes = torch.arange(scores.shape[1], device=scores.device)
+        own = (classes >= first[task, None]) & (classes <= last[task, None])
+        return scores.masked_fill(~own, float("-inf"))
 
     def loss(self, batch: Batch) -> Tensor:
         return F.cross_entropy(self.logits(batch), batch.y)

@@ -3,7 +3,6 @@ ReLU, a herding memory mixed into every batch and a frozen copy of the previous 
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
 import torch
@@ -14,9 +13,8 @@ from incr_cli.data.batches import Batch
 from incr_cli.data.stream import Task
 from incr_cli.memory import Memory
 from incr_cli.models.convnet import CifarCNN, ConvNet
-from incr_cli.models.head import IncrementalNet
 from incr_cli.models.mlp import MLP
-from incr_cli.strategies.base import Strategy
+from incr_cli.strategies.teacher import PreviousTaskTeacher
 
 
 def cosine_similarity(features: Tensor, weight: Tensor) -> Tensor:
@@ -66,7 +64,7 @@ def embed(backbone: nn.Module, x: Tensor, stages: Sequence[nn.Module] = ()) -> t
     return outputs, before_relu[0] if before_relu else features
 
 
-class ExemplarDistillation(Strategy):
+class EmbeddingDistillation(PreviousTaskTeacher):
     """What LUCIR and PODNet share: each training batch is joined by an equal-sized batch drawn from a memory
     of exemplars (herding selection, iCaRL's, which both papers use), filled with each task's training samples
     at its end; and from the second task on, a frozen copy of the network as it ended the previous task (eval
@@ -81,27 +79,12 @@ class ExemplarDistillation(Strategy):
             raise ValueError(f"replay_batch_size must be a positive integer or null, got {replay_batch_size}")
         self.memory = memory
         self.replay_batch_size = replay_batch_size
-        self.old_model: IncrementalNet | None = None
-        self.old_classes = 0
 
     def register(self, name: str, value: Tensor) -> nn.Parameter:
         """A float32 parameter of the method on the model's head, on the training device."""
         parameter = nn.Parameter(value.to(self.context.device, torch.float32))
         self.model.head.register_parameter(name, parameter)
         return parameter
-
-    def before_task(self, task: Task) -> None:
-        # The head has already grown; the copy's weights are those the network ended the previous task with.
-        self.old_classes = self.model.head.n_classes - len(task.classes)
-        self.old_model = self._frozen(self.model.state_dict()) if self.old_classes > 0 else None
-
-    def _frozen(self, weights: dict) -> IncrementalNet:
-        old = copy.deepcopy(self.model)
-        old.load_state_dict(weights)
-        old.eval()
-        for parameter in old.parameters():
-            parameter.requires_grad_(False)
-        return old
 
     @torch.no_grad()
     def features(self, x: Tensor, batch_size: int = 1000) -> Tensor:
@@ -123,16 +106,3 @@ class ExemplarDistillation(Strategy):
     def after_task(self, task: Task) -> None:
         x, y = self.stream.train_x[task.train_index], self.stream.train_y[task.train_index]
         self.memory.add(x, y, self.rng, features=self.features(x) if self.memory.needs_features else None)
-
-    def state_dict(self) -> dict:
-        state = super().state_dict()
-        state["old_classes"] = self.old_classes
-        if self.old_model is not None:
-            state["old_model"] = {k: v.detach().clone() for k, v in self.old_model.state_dict().items()}
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        # The engine loads the model first: its deep copy has the right structure and device.
-        super().load_state_dict(state)
-        self.old_classes = int(state.get("old_classes", 0))
-        self.old_model = self._frozen(state["old_model"]) if "old_model" in state else None

@@ -51,6 +51,8 @@ class DarkExperienceReplay(Strategy):
     that Avalanche fills a class-balanced memory at task end with end-of-task logits and draws one replay
     batch for both terms, where the paper (and this class) uses reservoir, per-step logits, two draws."""
 
+    supports_online = True  # learns and fills its memory batch by batch
+
     def __init__(self, memory: Memory, alpha: float, beta: float, replay_batch_size: int | None = None):
         if alpha < 0 or beta < 0:
             raise ValueError(f"DER weights must be 0 or more, got alpha={alpha}, beta={beta}")

@@ -25,6 +25,8 @@ class GrowingNetwork(Strategy):
     than each batch. The memory keeps, with each sample, its row in the stream's training tensors, so the
     engine's batches cut from task data and memory alike; its size and bytes are reported as any memory's."""
 
+    scenarios = ("class_il", "task_il")  # old classes are "the head minus this task's": none in domain-IL
+
     def __init__(self, memory: Memory):
         self.memory = memory
 

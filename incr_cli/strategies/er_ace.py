@@ -58,6 +58,8 @@ class ERACE(Strategy):
     incoming and replayed batch (as incr's replay; two passes differ only through batch-norm statistics),
     and the not-yet-seen classes are found exactly rather than as every label from the highest seen one on."""
 
+    supports_online = True  # learns and fills its memory batch by batch
+
     def __init__(self, memory: Memory, replay_batch_size: int | None = None):
         self.memory = memory
         self.replay_batch_size = replay_batch_size

@@ -8,4 +8,6 @@ class Finetune(Strategy):
 
     The naive baseline of every continual-learning paper (Avalanche's `Naive`, Mammoth's `sgd`)."""
 
+    supports_online = True  # keeps nothing beyond the current batch
+
     supports_distributed = True  # its state comes from whole tasks, never from one rank's slice

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -11,8 +9,7 @@ from torch import Tensor
 from incr_cli.data.batches import Batch
 from incr_cli.data.stream import Task
 from incr_cli.memory import Memory
-from incr_cli.models.head import IncrementalNet
-from incr_cli.strategies.base import Strategy
+from incr_cli.strategies.teacher import PreviousTaskTeacher
 
 CLASSIFIERS = ("nme", "linear")
 
@@ -33,7 +30,7 @@ def nearest_mean_scores(features: Tensor, class_means: Tensor) -> Tensor:
     return -torch.cdist(F.normalize(features.float(), dim=1), class_means.float())
 
 
-class ICaRL(Strategy):
+class ICaRL(PreviousTaskTeacher):
     """iCaRL (Rebuffi, Kolesnikov, Sperl and Lampert 2017, "iCaRL: Incremental Classifier and
     Representation Learning", CVPR 2017).
 
@@ -73,25 +70,10 @@ class ICaRL(Strategy):
         if classifier == "nme" and memory.size == 0:
             raise ValueError("iCaRL's nearest-mean classifier needs exemplars: memory.size must be 1 or more")
         self.memory, self.classifier = memory, classifier
-        self.old_model: IncrementalNet | None = None
-        self.old_classes = 0
         self.class_means: Tensor | None = (
             None  # (classes seen, feature dim), unit rows; zero rows: no exemplar
         )
         self.has_exemplars: Tensor | None = None  # (classes seen,) bool
-
-    def before_task(self, task: Task) -> None:
-        # The head has grown already: the copy's first `old_classes` outputs are the previous network's.
-        self.old_classes = self.model.head.n_classes - len(task.classes)
-        self.old_model = self._frozen(self.model.state_dict()) if self.old_classes > 0 else None
-
-    def _frozen(self, weights: dict) -> IncrementalNet:
-        old = copy.deepcopy(self.model)
-        old.load_state_dict(weights)
-        old.eval()
-        for parameter in old.parameters():
-            parameter.requires_grad_(False)
-        return old
 
     def training_indices(self, task: Task) -> Tensor:
         if not len(self.memory):
@@ -139,18 +121,13 @@ class ICaRL(Strategy):
         return scores
 
     def state_dict(self) -> dict:
-        state = {**super().state_dict(), "old_classes": self.old_classes}
-        if self.old_model is not None:
-            state["old_model"] = {k: v.detach().clone() for k, v in self.old_model.state_dict().items()}
+        state = super().state_dict()
         if self.class_means is not None:
             state["class_means"], state["has_exemplars"] = self.class_means, self.has_exemplars
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        # The engine loads the model first: its deep copy has the right structure and device.
         super().load_state_dict(state)
-        self.old_classes = int(state.get("old_classes", 0))
-        self.old_model = self._frozen(state["old_model"]) if "old_model" in state else None
         device = self.context.device
         if "class_means" in state:
             self.class_means = state["class_means"].to(device)

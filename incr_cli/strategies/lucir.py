@@ -13,7 +13,7 @@ from incr_cli.data.batches import Batch
 from incr_cli.data.stream import Task
 from incr_cli.memory import Memory
 from incr_cli.strategies.cosine import (
-    ExemplarDistillation,
+    EmbeddingDistillation,
     cosine_similarity,
     embed,
     embedding_distillation,
@@ -43,7 +43,7 @@ def margin_ranking_loss(
     return per_pair.sum() / (anchors.sum() * k).clamp(min=1)
 
 
-class LUCIR(ExemplarDistillation):
+class LUCIR(EmbeddingDistillation):
     """LUCIR (Hou, Pan, Loy, Wang and Lin 2019, "Learning a Unified Classifier Incrementally via
     Rebalancing", CVPR 2019).
 

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from incr_cli.data.batches import Batch
-from incr_cli.data.stream import Task
-from incr_cli.models.head import IncrementalNet
-from incr_cli.strategies.base import Strategy
+from incr_cli.strategies.teacher import PreviousTaskTeacher
 
 
 def distillation_loss(logits: Tensor, old_logits: Tensor, temperature: float) -> Tensor:
@@ -23,7 +19,7 @@ def distillation_loss(logits: Tensor, old_logits: Tensor, temperature: float) ->
     return temperature**2 * F.kl_div(log_p, q, reduction="batchmean")
 
 
-class LearningWithoutForgetting(Strategy):
+class LearningWithoutForgetting(PreviousTaskTeacher):
     """LwF (Li and Hoiem 2016, "Learning without Forgetting", ECCV 2016; TPAMI 2018).
 
     At the start of every task after the first, a frozen copy of the network as it ended the previous task
@@ -50,22 +46,6 @@ class LearningWithoutForgetting(Strategy):
         if alpha < 0 or temperature <= 0:
             raise ValueError(f"LwF needs alpha >= 0 and temperature > 0, got {alpha=}, {temperature=}")
         self.alpha, self.temperature = float(alpha), float(temperature)
-        self.old_model: IncrementalNet | None = None
-        self.old_classes = 0
-
-    def before_task(self, task: Task) -> None:
-        # The head has already grown: its trained rows are unchanged, so the copy's first `old_classes`
-        # outputs are exactly those of the network at the end of the previous task.
-        self.old_classes = self.model.head.n_classes - len(task.classes)
-        self.old_model = self._frozen(self.model.state_dict()) if self.old_classes > 0 else None
-
-    def _frozen(self, weights: dict) -> IncrementalNet:
-        old = copy.deepcopy(self.model)
-        old.load_state_dict(weights)
-        old.eval()
-        for parameter in old.parameters():
-            parameter.requires_grad_(False)
-        return old
 
     def loss(self, batch: Batch) -> Tensor:
         x = self.context.preprocess(batch.x, self.rng)
@@ -78,16 +58,3 @@ class LearningWithoutForgetting(Strategy):
                 logits[:, : self.old_classes], old_logits, self.temperature
             )
         return loss
-
-    def state_dict(self) -> dict:
-        state = super().state_dict()
-        state["old_classes"] = self.old_classes
-        if self.old_model is not None:
-            state["old_model"] = {k: v.detach().clone() for k, v in self.old_model.state_dict().items()}
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        # The engine loads the model first: its deep copy has the right structure and device.
-        super().load_state_dict(state)
-        self.old_classes = int(state.get("old_classes", 0))
-        self.old_model = self._frozen(state["old_model"]) if "old_model" in state else None

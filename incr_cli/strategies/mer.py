@@ -58,6 +58,8 @@ class MER(Strategy):
     values of the authors' released run script, github.com/mattriemer/MER, mer_examples.sh), the budget
     closest to incr's P1 memory of 200."""
 
+    supports_online = True  # learns and fills its memory batch by batch
+
     def __init__(
         self,
         memory: Memory,

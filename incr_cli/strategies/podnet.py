@@ -16,7 +16,7 @@ from incr_cli.memory import Memory
 from incr_cli.models.convnet import CifarCNN, ConvNet
 from incr_cli.models.mlp import MLP
 from incr_cli.models.resnet import ResNet18, ResNet32
-from incr_cli.strategies.cosine import ExemplarDistillation, cosine_similarity, embed, embedding_distillation
+from incr_cli.strategies.cosine import EmbeddingDistillation, cosine_similarity, embed, embedding_distillation
 
 if TYPE_CHECKING:
     from incr_cli.engine import Optimization
@@ -85,7 +85,7 @@ def kmeans(points: Tensor, k: int, generator: torch.Generator, iterations: int =
     return centroids
 
 
-class PODNet(ExemplarDistillation):
+class PODNet(EmbeddingDistillation):
     """PODNet (Douillard, Cord, Ollion, Robert and Valle 2020, "PODNet: Pooled Outputs Distillation for
     Small-Tasks Incremental Learning", ECCV 2020).
 

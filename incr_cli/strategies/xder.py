@@ -112,6 +112,9 @@ class ExtendedDarkExperienceReplay(DarkExperienceReplay):
     Seq-CIFAR-100 best (eta 0.001, m 0.7) was tuned with the SupCon term on and leaves the bias above in
     place here (P1 0.896). Memory: class_balanced as in the paper; 200 samples (P1 scale), 500 in P2."""
 
+    scenarios = ("class_il", "task_il")  # old classes are "the head minus this task's": none in domain-IL
+    supports_online = False  # its memory is filled at the end of each task
+
     def __init__(
         self,
         memory: Memory,
