@@ -39,8 +39,8 @@ class AugmentConfig:
 @dataclass
 class DatasetConfig:
     name: str = "digits"
-    num_classes: int = 10
-    input_shape: list[int] = field(default_factory=lambda: [1, 8, 8])
+    num_classes: int | None = 10  # null (dataset=image_folder): counted from the folder by check_config
+    input_shape: list[int] | None = field(default_factory=lambda: [1, 8, 8])
     n_tasks: int = 5
     initial_classes: int | None = None
     class_order: list[int] | None = None
@@ -54,6 +54,13 @@ class DatasetConfig:
     mean: list[float] = field(default_factory=lambda: [0.0])
     std: list[float] = field(default_factory=lambda: [1.0])
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # dataset=image_folder only (configs/dataset/image_folder.yaml documents them); null for the other data sets
+    folder: str | None = None
+    image_size: Any = None  # a side, [height, width], or null
+    channels: int | None = None
+    test_fraction: float | None = None
+    on_bad_file: str | None = None
+    max_decoded_gb: float | None = None
 
 
 @dataclass
@@ -120,6 +127,10 @@ def check_config(cfg: DictConfig, *, check_data: bool = True) -> None:
             f"unknown top-level key '{unknown[0]}'; valid: {', '.join(TrainConfig.__dataclass_fields__)}"
         )
     _check_positive(cfg, "epochs", "batch_size", "eval_batch_size")
+    if cfg.dataset.name == "image_folder":
+        from incr_cli.data.image_folder import check_image_folder
+
+        check_image_folder(cfg.dataset)  # lists the folder: fills num_classes and input_shape for the checks below
     _check_stream(cfg.dataset)
     _check_hardware(cfg.hardware)
     _check_choice("train.on_nonfinite", cfg.train.on_nonfinite, NONFINITE_ACTIONS)

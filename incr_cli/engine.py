@@ -161,7 +161,7 @@ class Run:
         self.hardware = setup_hardware(cfg.hardware)
         seed_everything(cfg.seed)
         device = self.hardware.device
-        source = load_source(cfg.dataset.name, cfg.data)
+        source = load_source(cfg.dataset.name, cfg.data, cfg.dataset)
         self.stream: Stream = build_stream(source, cfg.dataset).to(device)
         backbone = instantiate(cfg.model, input_shape=tuple(cfg.dataset.input_shape))
         self.model = IncrementalNet(backbone, self.stream.n_classes).to(device)

@@ -68,13 +68,14 @@ def check_command(argv: list[str]) -> None:
                 raise ConfigError(_unknown_choice(error)) from None
             except (HydraException, OmegaConfBaseException) as error:
                 raise ConfigError(_one_line(error)) from None
-            check_config(cfg)
+            composed = to_container(cfg)  # as the run's .hydra/config.yaml holds it, before check_config fills in
+            check_config(cfg)  # values found on disk (dataset=image_folder's num_classes and input_shape)
             if cfg.resume:
-                _check_resumable(argv, cfg)
+                _check_resumable(argv, composed)
     GlobalHydra.instance().clear()
 
 
-def _check_resumable(argv: list[str], cfg) -> None:
+def _check_resumable(argv: list[str], composed: dict) -> None:
     """resume=true needs the run's own folder, and refuses a config that would change its results; checked
     here because Hydra rewrites the folder's .hydra/ files as soon as it starts."""
     multirun = "-m" in argv or "--multirun" in argv
@@ -89,7 +90,7 @@ def _check_resumable(argv: list[str], cfg) -> None:
         return
     from incr_cli.checkpoint import RESULT_NEUTRAL_KEYS, config_hash
 
-    if config_hash(to_container(OmegaConf.load(saved))) != config_hash(to_container(cfg)):
+    if config_hash(to_container(OmegaConf.load(saved))) != config_hash(composed):
         raise ConfigError(
             f"{folder} was made with a different config; resume may only change: {', '.join(RESULT_NEUTRAL_KEYS)}"
         )

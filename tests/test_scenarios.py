@@ -81,8 +81,8 @@ def test_task_il_masks_the_scores_outside_each_samples_task():
 
 
 def test_task_il_accuracy_is_at_least_class_il_accuracy_and_masked_training_helps_it(tmp_path):
-    # digits, finetune, 5 tasks of 2, 10 epochs; measured task-IL final average accuracy, seed 0: 0.98 with
-    # scenario=task_il (each head trained only against its own task's classes), 0.61 in class-IL training.
+    # digits, finetune, 5 tasks of 2, 10 epochs; measured task-IL final average accuracy, seed 0: 0.956 with
+    # scenario=task_il (each head trained only against its own task's classes), 0.611 in class-IL training.
     task_il = run_experiment(tmp_path / "task_il", ["strategy=finetune", "dataset.scenario=task_il", *FAST])
     class_il = run_experiment(tmp_path / "class_il", ["strategy=finetune", *FAST])
     assert task_il["run"]["scenario"] == "task_il"
@@ -93,7 +93,8 @@ def test_task_il_accuracy_is_at_least_class_il_accuracy_and_masked_training_help
 
 
 def test_replay_beats_finetune_in_domain_il_on_permuted_digits(tmp_path):
-    # Measured on 5 permutations of digits, 5 epochs: replay 0.xx, finetune 0.yy (seed 0).
+    # Measured on 5 permutations of digits, 5 epochs, seed 0: replay 0.904 (forgetting 0.09), finetune 0.373
+    # (forgetting 0.75).
     settings = ["dataset.scenario=domain_il", "dataset.domains=permuted", "epochs=5", *FAST]
     finetune = run_experiment(tmp_path / "finetune", ["strategy=finetune", *settings])
     replay = run_experiment(tmp_path / "replay", ["strategy=replay", *settings])

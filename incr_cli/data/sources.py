@@ -41,7 +41,15 @@ class Source:
     max_value: int = 255
 
 
-def load_source(name: str, data: DictConfig) -> Source:
+def load_source(name: str, data: DictConfig, dataset: DictConfig | None = None) -> Source:
+    if name == "image_folder":  # the user's own folder: its settings are in the dataset config
+        if dataset is None:
+            raise ConfigError(
+                "dataset=image_folder needs the dataset config: load_source(name, data, dataset)"
+            )
+        from incr_cli.data.image_folder import load_image_folder
+
+        return load_image_folder(dataset, data)
     check_available(name, data)
     root = Path(data.root).expanduser()
     if name == "digits":
@@ -51,12 +59,18 @@ def load_source(name: str, data: DictConfig) -> Source:
     if name in CIFAR_FOLDERS:
         return _cifar(name, root)
     raise ConfigError(
-        f"dataset {name!r} has no loader; valid: digits, mnist, fashion_mnist, cifar10, cifar100"
+        f"dataset {name!r} has no loader; valid: digits, mnist, fashion_mnist, cifar10, cifar100, image_folder"
     )
 
 
-def check_available(name: str, data: DictConfig) -> None:
+def check_available(name: str, data: DictConfig, dataset: DictConfig | None = None) -> None:
     """Fails with a message that says how to get the files, before anything is trained."""
+    if name == "image_folder":  # listed (decoding nothing) and checked against the dataset config
+        if dataset is not None:
+            from incr_cli.data.image_folder import check_image_folder
+
+            check_image_folder(dataset)
+        return
     root = Path(data.root).expanduser()
     if name == "digits" or data.download:
         return

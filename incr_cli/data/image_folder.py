@@ -1,0 +1,420 @@
+"""A folder of the user's own images, one sub-folder per class -> the same uint8 Source as the built-in data
+sets: resized and converted once, then cached on disk so that the next run starts without decoding."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, ListConfig
+
+from incr_cli.config import ConfigError
+from incr_cli.data.sources import Source
+
+log = logging.getLogger("incr")
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+BAD_FILE_ACTIONS = ("skip", "stop")
+CHANNEL_MODES = {1: "L", 3: "RGB"}
+SPLIT_SEED = 0  # the test_fraction hold-out never depends on the run's seed (as the digits split)
+RESAMPLING = (
+    "bilinear"  # Pillow's, which widens its filter when shrinking (antialiased, like torchvision's Resize)
+)
+CACHE_VERSION = 1  # bump when decoding changes, so that older caches are not reused
+
+decoded_files = 0  # image files this process has decoded; a load served from the cache adds none
+
+
+@dataclass
+class Listing:
+    """What the folder holds, found without decoding anything."""
+
+    root: Path
+    layout: str  # "train/test": the folder's own split; "one tree": test_fraction of each class is held out
+    classes: list[str]  # class folders with images, sorted: label i is classes[i]
+    files: dict[str, list[list[Path]]]  # "train" and "test" (or "all") -> per label, its image files, sorted
+    left_out: list[str]  # one line per class folder without usable images, saying why
+    ignored: list[Path]  # files that are not images by their suffix
+
+    @property
+    def n_images(self) -> int:
+        return sum(len(f) for per_class in self.files.values() for f in per_class)
+
+
+@dataclass
+class FolderPlan:
+    """The checked settings of `dataset=image_folder` and the folder's listing."""
+
+    listing: Listing
+    size: tuple[int, int]  # (height, width) of every decoded image
+    resize: bool  # False: image_size=null, every file must already be `size`
+    channels: int
+    test_fraction: float
+    on_bad_file: str
+
+
+def check_image_folder(dataset: DictConfig) -> FolderPlan:
+    """List the folder (decoding nothing) and fill dataset.num_classes and dataset.input_shape where they are
+    null, or check them against the folder; raises ConfigError for a folder that cannot be trained on."""
+    root = _root(dataset.get("folder"))
+    size = _image_size(dataset.get("image_size"))
+    channels = dataset.get("channels")
+    if channels not in CHANNEL_MODES:
+        raise ConfigError(f"dataset.channels={channels} is not valid; choose 1 (grayscale) or 3 (RGB)")
+    on_bad_file = dataset.get("on_bad_file")
+    if on_bad_file not in BAD_FILE_ACTIONS:
+        raise ConfigError(f"dataset.on_bad_file={on_bad_file} is not valid; choose one of: skip, stop")
+    test_fraction = dataset.get("test_fraction")
+    if test_fraction is None or not 0.0 <= test_fraction < 1.0:
+        raise ConfigError(f"dataset.test_fraction={test_fraction} must be in [0, 1)")
+    limit = dataset.get("max_decoded_gb")
+    if limit is not None and not limit > 0:
+        raise ConfigError(f"dataset.max_decoded_gb={limit} must be positive, or null for no limit")
+
+    listing = list_folder(root, test_fraction)
+    if listing.left_out and on_bad_file == "stop":
+        raise ConfigError(f"class folder {listing.left_out[0]} (dataset.on_bad_file=stop); add images, remove "
+                          "the folder, or set dataset.on_bad_file=skip to leave the class out")  # fmt: skip
+    plan = FolderPlan(
+        listing, size or _first_size(listing), size is not None, channels, test_fraction, on_bad_file
+    )
+
+    shape = [channels, *plan.size]
+    n_classes = len(listing.classes)
+    if dataset.num_classes is None:
+        dataset.num_classes = n_classes
+    elif dataset.num_classes != n_classes:
+        shown = ", ".join(listing.classes[:8]) + (", ..." if n_classes > 8 else "")
+        raise ConfigError(f"dataset.num_classes={dataset.num_classes} but {root} has {n_classes} class folders "
+                          f"with images ({shown}); set dataset.num_classes={n_classes}, or null to count them")  # fmt: skip
+    if dataset.input_shape is None:
+        dataset.input_shape = shape
+    elif list(dataset.input_shape) != shape:
+        raise ConfigError(f"dataset.input_shape={list(dataset.input_shape)} does not match dataset.channels="
+                          f"{channels} and images of {plan.size[0]}x{plan.size[1]}; set dataset.input_shape=null")  # fmt: skip
+    decoded = listing.n_images * math.prod(shape)
+    if limit is not None and decoded > limit * 1e9:
+        raise ConfigError(
+            f"{root} decodes to {decoded / 1e9:.2f} GB ({listing.n_images} images of {'x'.join(map(str, shape))}), "
+            f"over dataset.max_decoded_gb={limit}; lower dataset.image_size, or raise the limit if the memory is "
+            "there (incr holds the decoded images in memory; streaming from disk is not implemented)"
+        )
+    return plan
+
+
+def load_image_folder(dataset: DictConfig, data: DictConfig) -> Source:
+    """The folder's images as uint8 [N, C, H, W] and int64 labels, from the cache when the files are unchanged."""
+    plan = check_image_folder(dataset)
+    listing = plan.listing
+    cache = _cache_path(Path(str(data.root)).expanduser(), plan)
+    state = _read_cache(cache)
+    if state is None:
+        state = _decode(plan)
+        _write_cache(cache, state)
+        where = f"decoded; cached in {cache}"
+    else:
+        where = f"read from the cache {cache}"
+    skipped = state["skipped"]
+    if skipped and plan.on_bad_file == "stop":  # a cache written by an earlier run with on_bad_file=skip
+        raise _unreadable(listing.root / skipped[0][0], skipped[0][1])
+    _log_report(plan, state, where)
+    return Source(state["train_x"], state["train_y"], state["test_x"], state["test_y"], list(listing.classes))
+
+
+# ------------------------------------------------------------------------------------------------ listing
+def list_folder(root: Path, test_fraction: float) -> Listing:
+    ignored: list[Path] = []
+    has_train, has_test = (root / "train").is_dir(), (root / "test").is_dir()
+    if has_train != has_test:
+        have, missing = ("train", "test") if has_train else ("test", "train")
+        raise ConfigError(f"{root} has {have}/ but no {missing}/: give both train/<class>/ and test/<class>/, or put "
+                          f"the class folders directly in {root} and let dataset.test_fraction split them")  # fmt: skip
+    left_out: list[str] = []
+    if has_train:
+        splits = {split: _class_files(root / split, ignored) for split in ("train", "test")}
+        ignored.extend(p for p in sorted(root.iterdir()) if p.name not in ("train", "test") and p.is_file())
+        classes = []
+        for name in sorted(set(splits["train"]) | set(splits["test"])):
+            empty = [split for split in ("train", "test") if not splits[split].get(name)]
+            if empty:
+                left_out.append(
+                    f"{root / empty[0] / name} has no images (a class needs both train and test images)"
+                )
+            else:
+                classes.append(name)
+        files = {split: [splits[split][name] for name in classes] for split in ("train", "test")}
+        layout = "train/test"
+    else:
+        if test_fraction == 0:
+            raise ConfigError(f"{root} has no train/ and test/ folders and dataset.test_fraction=0 holds out no "
+                              "test images; set dataset.test_fraction (e.g. 0.2) or split the folder into train/ and test/")  # fmt: skip
+        per_class = _class_files(root, ignored)
+        classes = []
+        for name in sorted(per_class):
+            count = len(per_class[name])
+            if count >= 2:
+                classes.append(name)
+            else:
+                left_out.append(f"{root / name} has {'no images' if count == 0 else 'one image'} "
+                                "(a class needs two: one to train on, one to test)")  # fmt: skip
+        files = {"all": [per_class[name] for name in classes]}
+        layout = "one tree"
+    if not classes:
+        raise ConfigError(f"found no class folder with images in {root}; expected {root}/<class>/*.png (or "
+                          f"{', '.join(IMAGE_SUFFIXES[1:])}), or {root}/train/<class>/ and {root}/test/<class>/")  # fmt: skip
+    return Listing(root, layout, classes, files, left_out, ignored)
+
+
+def _class_files(folder: Path, ignored: list[Path]) -> dict[str, list[Path]]:
+    """Each sub-folder is a class; its image files are taken from any depth below it."""
+    classes: dict[str, list[Path]] = {}
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):  # .DS_Store, .incr-cache, .git: never a class
+            continue
+        if not entry.is_dir():
+            ignored.append(entry)
+            continue
+        images = classes.setdefault(entry.name, [])
+        for path in sorted(entry.rglob("*")):
+            if not path.is_file():
+                continue
+            # "._name.jpg" is macOS's resource fork beside a copied image, not an image
+            if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith("."):
+                images.append(path)
+            else:
+                ignored.append(path)
+    return classes
+
+
+def _root(folder) -> Path:
+    if folder is None or str(folder) == "":
+        raise ConfigError("dataset=image_folder needs dataset.folder=<a folder with one sub-folder of images per "
+                          "class, or train/ and test/ folders of such sub-folders>")  # fmt: skip
+    root = Path(str(folder)).expanduser()
+    if not root.is_dir():
+        why = "is not a folder" if root.exists() else "does not exist"
+        raise ConfigError(f"dataset.folder={folder} {why}")
+    return root.resolve()
+
+
+def _image_size(value) -> tuple[int, int] | None:
+    sides = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        sides = (value, value)
+    elif isinstance(value, (list, tuple, ListConfig)) and len(value) == 2:
+        sides = tuple(value)
+    if value is None:
+        return None
+    if sides is None or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sides):
+        raise ConfigError(f"dataset.image_size={value} must be a positive side (e.g. 32), [height, width], or "
+                          "null to keep the files' own size")  # fmt: skip
+    return int(sides[0]), int(sides[1])
+
+
+def _first_size(listing: Listing) -> tuple[int, int]:
+    """image_size=null: the size of the first file that opens (every other file must match it)."""
+    from PIL import Image
+
+    for per_class in listing.files.values():
+        for paths in per_class:
+            for path in paths:
+                try:
+                    with Image.open(path) as image:
+                        width, height = _oriented_size(image)
+                    return height, width
+                except Exception:  # an unreadable file is reported when decoding
+                    continue
+    raise ConfigError(f"no image in {listing.root} can be read")
+
+
+def _oriented_size(image) -> tuple[int, int]:
+    """(width, height) after the EXIF orientation is applied (a camera's portrait photo is stored sideways)."""
+    orientation = image.getexif().get(0x0112, 1)
+    width, height = image.size
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+# ------------------------------------------------------------------------------------------------ decoding
+def _decode(plan: FolderPlan) -> dict:
+    """Decode every listed file into one preallocated array; threads, since Pillow releases the GIL while it
+    decodes and resizes."""
+    global decoded_files
+    from PIL import Image, ImageOps
+
+    listing = plan.listing
+    entries = [(split, label, path) for split, per_class in listing.files.items()
+               for label, paths in enumerate(per_class) for path in paths]  # fmt: skip
+    height, width = plan.size
+    pixels = np.empty((len(entries), plan.channels, height, width), dtype=np.uint8)
+    mode = CHANNEL_MODES[plan.channels]
+
+    def decode(row: int) -> tuple[int, int] | str:
+        """The file's (width, height) as stored, or why it cannot be read."""
+        try:
+            with Image.open(entries[row][2]) as stored:
+                image = ImageOps.exif_transpose(stored).convert(mode)
+        except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError... for broken files
+            return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'unreadable'}"
+        native = image.size
+        if native != (width, height):
+            if not plan.resize:
+                return native
+            image = image.resize((width, height), Image.Resampling.BILINEAR)
+        array = np.asarray(image, dtype=np.uint8)
+        pixels[row] = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+        return native
+
+    workers = min(16, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(decode, range(len(entries))))
+    decoded_files += len(entries)
+
+    skipped, sizes, good = [], Counter(), np.ones(len(entries), dtype=bool)
+    for row, result in enumerate(results):
+        path = entries[row][2]
+        if isinstance(result, str):
+            if plan.on_bad_file == "stop":
+                raise _unreadable(path, result)
+            skipped.append([str(path.relative_to(listing.root)), result])
+            good[row] = False
+            continue
+        sizes[result] += 1
+        if not plan.resize and result != (width, height):
+            first = next(entries[r][2] for r, s in enumerate(results) if s == (width, height))
+            raise ConfigError(f"images differ in size: {first} is {height}x{width}, {path} is {result[1]}x{result[0]}; "
+                              "set dataset.image_size=<side> or [height, width] to resize them all")  # fmt: skip
+
+    labels = np.array([label for _, label, _ in entries], dtype=np.int64)
+    splits = np.array([split for split, _, _ in entries])
+    if listing.layout == "train/test":
+        train_rows, test_rows = (
+            np.flatnonzero(good & (splits == "train")),
+            np.flatnonzero(good & (splits == "test")),
+        )
+    else:
+        train_rows, test_rows = _hold_out(labels, good, plan.test_fraction)
+    for label, name in enumerate(listing.classes):
+        for split, rows in (("training", train_rows), ("test", test_rows)):
+            if not (labels[rows] == label).any():
+                raise ConfigError(f"class '{name}' has no readable {split} image left after skipping unreadable "
+                                  "files (named in the log); fix or remove them, or remove the class folder")  # fmt: skip
+    return {
+        "train_x": torch.from_numpy(pixels[train_rows]),
+        "train_y": torch.from_numpy(labels[train_rows]),
+        "test_x": torch.from_numpy(pixels[test_rows]),
+        "test_y": torch.from_numpy(labels[test_rows]),
+        "skipped": skipped,
+        "sizes": [[h, w, n] for (w, h), n in sorted(sizes.items(), key=lambda item: -item[1])],
+    }
+
+
+def _hold_out(labels: np.ndarray, good: np.ndarray, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per class, a seeded random test_fraction of its readable images (at least one, never all) is the test set."""
+    generator = torch.Generator().manual_seed(SPLIT_SEED)
+    train, test = [], []
+    for label in range(int(labels.max()) + 1):
+        members = np.flatnonzero(good & (labels == label))
+        members = members[torch.randperm(len(members), generator=generator).numpy()]
+        n_test = min(len(members) - 1, max(1, round(test_fraction * len(members))))
+        test.append(np.sort(members[:n_test]))
+        train.append(np.sort(members[n_test:]))
+    return np.concatenate(train), np.concatenate(test)
+
+
+def _unreadable(path: Path, reason: str) -> ConfigError:
+    return ConfigError(f"{path} cannot be read as an image ({reason}); fix or remove it, or set "
+                       "dataset.on_bad_file=skip to leave it out")  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ cache
+def _cache_path(data_root: Path, plan: FolderPlan) -> Path:
+    """Keyed by every listed file's path, size and modification time and by the decoding settings: any change
+    to the folder or the settings decodes afresh."""
+    import PIL
+
+    listing = plan.listing
+    lines = [f"v{CACHE_VERSION}", f"pillow {PIL.__version__}", listing.layout, f"{plan.size} {plan.resize}",
+             f"{plan.channels} {RESAMPLING}", f"{plan.test_fraction if listing.layout == 'one tree' else ''}"]  # fmt: skip
+    for split, per_class in listing.files.items():
+        for name, paths in zip(listing.classes, per_class, strict=True):
+            for path in paths:
+                stat = path.stat()
+                lines.append(
+                    f"{split}|{name}|{path.relative_to(listing.root)}|{stat.st_size}|{stat.st_mtime_ns}"
+                )
+    key = hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+    return data_root / ".incr-cache" / f"image_folder-{_folder_id(listing.root)}-{key}.pt"
+
+
+def _folder_id(root: Path) -> str:
+    return hashlib.sha256(str(root).encode()).hexdigest()[:12]
+
+
+def _read_cache(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, weights_only=True)
+        if {"train_x", "train_y", "test_x", "test_y", "skipped", "sizes"} <= set(state):
+            return state
+    except Exception:  # a damaged cache is rebuilt from the files
+        pass
+    log.info("the image cache %s cannot be read; decoding the folder again", path)
+    return None
+
+
+def _write_cache(path: Path, state: dict) -> None:
+    from incr_cli.checkpoint import CheckpointError, atomic_write
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda handle: torch.save(state, handle))
+    except (
+        OSError,
+        CheckpointError,
+    ) as error:  # a read-only or full data.root only costs the decoding next time
+        log.warning("the decoded images could not be cached in %s (%s)", path.parent, error)
+        return
+    # A folder's earlier caches describe files that have changed since: only the newest is kept.
+    for older in path.parent.glob(f"image_folder-{path.name.split('-')[1]}-*.pt"):
+        if older != path:
+            older.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _log_report(plan: FolderPlan, state: dict, where: str) -> None:
+    listing = plan.listing
+    height, width = plan.size
+    split = "its train/ and test/ folders" if listing.layout == "train/test" else (
+        f"test_fraction={plan.test_fraction} of each class held out, seed {SPLIT_SEED}")  # fmt: skip
+    log.info("image folder %s: %d classes, %d training and %d test images (%s), %dx%d, %d channel(s); %s",
+             listing.root, len(listing.classes), len(state["train_y"]), len(state["test_y"]), split, height, width,
+             plan.channels, where)  # fmt: skip
+    sizes = state["sizes"]
+    if len(sizes) > 1 or (sizes and (sizes[0][0], sizes[0][1]) != plan.size):
+        shown = ", ".join(f"{h}x{w}: {n}" for h, w, n in sizes[:5]) + (", ..." if len(sizes) > 5 else "")
+        log.info("the images come in %d size(s) (%s); all resized to %dx%d (%s resampling, aspect ratio not kept)",
+                 len(sizes), shown, height, width, RESAMPLING)  # fmt: skip
+    skipped = state["skipped"]
+    if skipped:
+        log.warning("skipped %d unreadable image file(s) in %s (dataset.on_bad_file=skip):",
+                    len(skipped), listing.root)  # fmt: skip
+        for name, reason in skipped:
+            log.warning("  skipped %s: %s", name, reason)
+    if listing.left_out:
+        log.warning("left out %d class folder(s) without usable images (dataset.on_bad_file=skip):",
+                    len(listing.left_out))  # fmt: skip
+        for line in listing.left_out:
+            log.warning("  left out class folder %s", line)
+    if listing.ignored:
+        names = [str(p.relative_to(listing.root)) for p in listing.ignored]
+        log.info("ignored %d file(s) that are not images (%s): %s", len(names), " ".join(IMAGE_SUFFIXES),
+                 ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else ""))  # fmt: skip
