@@ -128,9 +128,12 @@ def check_config(cfg: DictConfig, *, check_data: bool = True) -> None:
         )
     _check_positive(cfg, "epochs", "batch_size", "eval_batch_size")
     if cfg.dataset.name == "image_folder":
-        from incr_cli.data.image_folder import check_image_folder
+        from incr_cli.data.image_folder import check_folder_domains, check_image_folder
 
-        check_image_folder(cfg.dataset)  # lists the folder: fills num_classes and input_shape for the checks below
+        if cfg.dataset.domains == "folders":
+            check_folder_domains(cfg.dataset)
+        else:
+            check_image_folder(cfg.dataset)  # lists the folder: fills num_classes and input_shape for the checks below
     _check_stream(cfg.dataset)
     _check_hardware(cfg.hardware)
     _check_choice("train.on_nonfinite", cfg.train.on_nonfinite, NONFINITE_ACTIONS)
@@ -234,13 +237,16 @@ def _check_choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
 
 
 SCENARIOS = ("class_il", "task_il", "domain_il")
-DOMAINS = ("permuted", "rotated")
+DOMAINS = ("permuted", "rotated", "folders")
 
 
 def _check_domains(dataset: DictConfig) -> None:
     if dataset.domains not in DOMAINS:
         raise ConfigError(f"dataset.scenario=domain_il needs dataset.domains: one of {', '.join(DOMAINS)} "
                           f"(got {dataset.domains})")  # fmt: skip
+    if dataset.domains == "folders" and dataset.name != "image_folder":
+        raise ConfigError("dataset.domains=folders reads one image folder per domain: use dataset=image_folder "
+                          "with dataset.folder=<a folder of domain folders>")  # fmt: skip
     angles = dataset.rotation_degrees
     if dataset.domains == "rotated" and angles is not None and len(angles) != dataset.n_tasks:
         raise ConfigError(f"dataset.rotation_degrees lists {len(angles)} angles for {dataset.n_tasks} tasks; "

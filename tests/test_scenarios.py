@@ -131,3 +131,30 @@ def test_bad_scenario_settings_are_one_line_errors(tmp_path, overrides, message)
     assert result.returncode == 2
     assert message in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_folder_domains_make_one_task_per_sub_folder(tmp_path):
+    # Two domains of the same four digit classes: the digits as they are, and inverted (16 - pixel).
+    from PIL import Image
+
+    source = load_source("digits", compose_config([]).data)
+    for domain, pixels in (("a_plain", source.train_x), ("b_inverted", 16 - source.train_x)):
+        for label in range(4):
+            folder = tmp_path / "images" / domain / str(label)
+            folder.mkdir(parents=True)
+            for i, image in enumerate(pixels[source.train_y == label][:60]):
+                Image.fromarray((image[0].numpy().astype("uint8") * 15), "L").save(folder / f"{i}.png")
+    settings = ["dataset=image_folder", f"dataset.folder={tmp_path / 'images'}", "dataset.channels=1",
+                "dataset.image_size=8", "dataset.scenario=domain_il", "dataset.domains=folders",
+                "dataset.n_tasks=2", f"data.root={tmp_path / 'cache'}", "strategy=replay", *FAST]  # fmt: skip
+    metrics = run_experiment(tmp_path / "run", settings)
+    assert [t["classes"] for t in metrics["tasks"]] == [[0, 1, 2, 3], [0, 1, 2, 3]]
+    assert [t["test_samples"] for t in metrics["tasks"]] == [48, 48]  # 20% of 60 per class, per domain
+    assert (
+        min(metrics["class_il"]["accuracy_matrix"][-1]) > 0.6
+    )  # both domains known at the end (chance 0.25)
+    result = incr("train", *settings[:-3], "dataset.n_tasks=3", f"hydra.run.dir={tmp_path / 'bad'}")
+    assert (
+        result.returncode == 2
+        and "has 2 domain folders (a_plain, b_inverted) for dataset.n_tasks=3" in result.stderr
+    )

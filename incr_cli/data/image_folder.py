@@ -110,6 +110,49 @@ def check_image_folder(dataset: DictConfig) -> FolderPlan:
     return plan
 
 
+def domain_folders(dataset: DictConfig) -> list[Path]:
+    """dataset.domains=folders: FOLDER/<domain>/ (each laid out as an image folder), in name order."""
+    root = _root(dataset.get("folder"))
+    domains = sorted(p for p in root.iterdir() if p.is_dir())
+    if len(domains) != dataset.n_tasks:
+        names = ", ".join(p.name for p in domains) or "none"
+        raise ConfigError(f"dataset.domains=folders: {root} has {len(domains)} domain folders ({names}) for "
+                          f"dataset.n_tasks={dataset.n_tasks}; one folder per task")  # fmt: skip
+    return domains
+
+
+def _domain(dataset: DictConfig, folder: Path) -> DictConfig:
+    one = dataset.copy()
+    one.folder = str(folder)
+    return one
+
+
+def check_folder_domains(dataset: DictConfig) -> None:
+    """Each domain folder checked as an image folder; all must have the same classes. Fills
+    dataset.num_classes and dataset.input_shape as check_image_folder does for one folder."""
+    checked = []
+    for folder in domain_folders(dataset):
+        one = _domain(dataset, folder)
+        classes = check_image_folder(one).listing.classes
+        if checked and classes != checked[0][1]:
+            raise ConfigError(f"domain folder {folder} has classes {', '.join(classes)}; every domain needs "
+                              f"those of {checked[0][0]}: {', '.join(checked[0][1])}")  # fmt: skip
+        checked.append((folder, classes))
+    dataset.num_classes, dataset.input_shape = one.num_classes, one.input_shape
+
+
+def load_folder_domains(dataset: DictConfig, data: DictConfig) -> Source:
+    """Each domain folder loaded as an image folder (cached alike); the domain of a sample is its task."""
+    parts = [load_image_folder(_domain(dataset, folder), data) for folder in domain_folders(dataset)]
+    train_domain = torch.cat([torch.full((len(p.train_y),), k) for k, p in enumerate(parts)])
+    test_domain = torch.cat([torch.full((len(p.test_y),), k) for k, p in enumerate(parts)])
+    return Source(
+        torch.cat([p.train_x for p in parts]), torch.cat([p.train_y for p in parts]),
+        torch.cat([p.test_x for p in parts]), torch.cat([p.test_y for p in parts]),
+        parts[0].class_names, train_domain=train_domain, test_domain=test_domain,
+    )  # fmt: skip
+
+
 def load_image_folder(dataset: DictConfig, data: DictConfig) -> Source:
     """The folder's images as uint8 [N, C, H, W] and int64 labels, from the cache when the files are unchanged."""
     plan = check_image_folder(dataset)

@@ -39,6 +39,9 @@ class Source:
     test_y: torch.Tensor
     class_names: list[str]
     max_value: int = 255
+    # dataset.domains=folders: the domain (sub-folder) of each sample, which becomes its task
+    train_domain: torch.Tensor | None = None
+    test_domain: torch.Tensor | None = None
 
 
 def load_source(name: str, data: DictConfig, dataset: DictConfig | None = None) -> Source:
@@ -47,8 +50,10 @@ def load_source(name: str, data: DictConfig, dataset: DictConfig | None = None) 
             raise ConfigError(
                 "dataset=image_folder needs the dataset config: load_source(name, data, dataset)"
             )
-        from incr_cli.data.image_folder import load_image_folder
+        from incr_cli.data.image_folder import load_folder_domains, load_image_folder
 
+        if dataset.get("domains") == "folders":
+            return load_folder_domains(dataset, data)
         return load_image_folder(dataset, data)
     check_available(name, data)
     root = Path(data.root).expanduser()
@@ -67,9 +72,9 @@ def check_available(name: str, data: DictConfig, dataset: DictConfig | None = No
     """Fails with a message that says how to get the files, before anything is trained."""
     if name == "image_folder":  # listed (decoding nothing) and checked against the dataset config
         if dataset is not None:
-            from incr_cli.data.image_folder import check_image_folder
+            from incr_cli.data.image_folder import check_folder_domains, check_image_folder
 
-            check_image_folder(dataset)
+            check_folder_domains(dataset) if dataset.get("domains") == "folders" else check_image_folder(dataset)
         return
     root = Path(data.root).expanduser()
     if name == "digits" or data.download:

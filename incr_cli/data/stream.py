@@ -133,6 +133,8 @@ def build_stream(source: Source, dataset: DictConfig) -> Stream:
 def build_domain_stream(source: Source, dataset: DictConfig) -> Stream:
     """Domain-IL: task k is the whole data set seen through transform k; labels are the original classes."""
     n_tasks, classes = dataset.n_tasks, list(range(dataset.num_classes))
+    if dataset.domains == "folders":
+        return _folder_domain_stream(source, dataset, classes)
     transforms = domain_transforms(dataset, tuple(source.train_x.shape[1:]))
     train_x = torch.cat([transform(source.train_x) for transform in transforms])
     test_x = torch.cat([transform(source.test_x) for transform in transforms])
@@ -155,6 +157,24 @@ def build_domain_stream(source: Source, dataset: DictConfig) -> Stream:
         train_x, source.train_y.repeat(n_tasks), test_x, source.test_y.repeat(n_tasks), tasks, classes,
         list(source.class_names), source.max_value,
     )  # fmt: skip
+
+
+def _folder_domain_stream(source: Source, dataset: DictConfig, classes: list[int]) -> Stream:
+    """Domain k's images (its sub-folder of the image folder) are task k."""
+    val_generator = torch.Generator().manual_seed(0)
+    tasks = []
+    for task_id in range(dataset.n_tasks):
+        train_index, val_index = [], []
+        for label in classes:
+            members = torch.nonzero((source.train_y == label) & (source.train_domain == task_id)).flatten()
+            members = members[torch.randperm(len(members), generator=val_generator)]
+            n_val = int(round(dataset.val_fraction * len(members)))
+            val_index.append(members[:n_val].sort().values)
+            train_index.append(members[n_val:])
+        test_index = torch.nonzero(source.test_domain == task_id).flatten()
+        tasks.append(Task(task_id, classes, torch.cat(train_index).sort().values, torch.cat(val_index), test_index))
+    return Stream(source.train_x, source.train_y, source.test_x, source.test_y, tasks, classes,
+                  list(source.class_names), source.max_value)  # fmt: skip
 
 
 def domain_transforms(dataset: DictConfig, shape: tuple[int, ...]) -> list:
