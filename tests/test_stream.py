@@ -82,12 +82,14 @@ def test_initial_classes_makes_a_larger_first_task_then_equal_steps():
     assert [len(t.test_index) for t in stream.tasks] == [4 * TEST_PER_CLASS] + [2 * TEST_PER_CLASS] * 3
 
 
-def test_test_task_ids_name_the_task_of_each_test_sample():
+def test_the_evaluation_split_names_the_task_of_each_test_sample():
     _, stream = stream_for("dataset.initial_classes=4", "dataset.n_tasks=4")
-    task_ids = stream.test_task_ids()
-    # labels 0-3 -> task 0, 4-5 -> 1, 6-7 -> 2, 8-9 -> 3
-    expected = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2, 3, 3])[stream.test_y]
-    assert torch.equal(task_ids, expected)
+    x, y, task_ids = stream.evaluation_split("test")
+    # labels 0-3 -> task 0, 4-5 -> 1, 6-7 -> 2, 8-9 -> 3; every test sample once
+    assert torch.equal(task_ids, torch.tensor([0, 0, 0, 0, 1, 1, 2, 2, 3, 3])[y])
+    assert torch.equal(stream.task_ids(y), task_ids)
+    assert len(y) == len(stream.test_y) and torch.equal(y.sort().values, stream.test_y.sort().values)
+    assert len(x) == len(y)
 
 
 def test_class_order_seed_shuffles_deterministically():
