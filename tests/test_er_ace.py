@@ -50,7 +50,8 @@ def tiny_er_ace(memory_size: int = 10) -> tuple[ERACE, torch.nn.Linear]:
     with torch.no_grad():
         model.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]]))
     context = SimpleNamespace(model=model, stream=SimpleNamespace(n_classes=4), device=torch.device("cpu"),
-                              rng=torch.Generator().manual_seed(0), preprocess=lambda x, generator=None: x.float())  # fmt: skip
+                              rng=torch.Generator().manual_seed(0), preprocess=lambda x, generator=None: x.float(),
+                              scenario="class_il")  # fmt: skip
     strategy = ERACE(Memory(memory_size), replay_batch_size=1)
     strategy.setup(context)
     strategy.seen[:2] = True
