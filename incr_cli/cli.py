@@ -1,4 +1,4 @@
-"""The `incr` command: a dispatcher over subcommands (train, resume, report; eval and predict come later)."""
+"""The `incr` command: a dispatcher over subcommands (train, resume, report, eval, predict, export)."""
 
 from __future__ import annotations
 
@@ -73,6 +73,24 @@ def report(argv: list[str]) -> int:
     return 0
 
 
+def evaluate(argv: list[str]) -> int:
+    from incr_cli.inference import eval_command
+
+    return eval_command(argv)
+
+
+def predict(argv: list[str]) -> int:
+    from incr_cli.inference import predict_command
+
+    return predict_command(argv)
+
+
+def export(argv: list[str]) -> int:
+    from incr_cli.inference import export_command
+
+    return export_command(argv)
+
+
 # name -> (function taking the remaining arguments, one-line description)
 SUBCOMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (
@@ -81,6 +99,9 @@ SUBCOMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     ),
     "resume": (resume, "continue a killed run from its last good checkpoint: incr resume RUN_DIR"),
     "report": (report, "tables and figures over runs, grouped over seeds: incr report DIR..."),
+    "eval": (evaluate, "accuracy of a checkpoint on a test stream: incr eval RUN_DIR [dataset=...]"),
+    "predict": (predict, "class names and probabilities of image files: incr predict CHECKPOINT IMAGES..."),
+    "export": (export, "a TorchScript or ONNX model file: incr export CHECKPOINT --format torchscript|onnx"),
 }
 
 USAGE = """usage: incr <command> [arguments]
