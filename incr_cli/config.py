@@ -133,8 +133,10 @@ def check_config(cfg: DictConfig, *, check_data: bool = True) -> None:
         if cfg.dataset.domains == "folders":
             check_folder_domains(cfg.dataset)
         else:
-            check_image_folder(cfg.dataset)  # lists the folder: fills num_classes and input_shape for the checks below
-    _check_stream(cfg.dataset)
+            check_image_folder(
+                cfg.dataset
+            )  # lists the folder: fills num_classes and input_shape for the checks below
+    check_stream(cfg.dataset)
     _check_hardware(cfg.hardware)
     _check_choice("train.on_nonfinite", cfg.train.on_nonfinite, NONFINITE_ACTIONS)
     _check_choice("evaluate_on", cfg.evaluate_on, ("test", "val"))
@@ -253,7 +255,8 @@ def _check_domains(dataset: DictConfig) -> None:
                           "give one per task, or null for evenly spaced angles")  # fmt: skip
 
 
-def _check_stream(dataset: DictConfig) -> None:
+def check_stream(dataset: DictConfig) -> None:
+    """The stream's settings: scenario and domains, the class split, class order, hold-out, normalisation."""
     n_classes, n_tasks, initial = dataset.num_classes, dataset.n_tasks, dataset.initial_classes
     if n_tasks < 1:
         raise ConfigError(f"dataset.n_tasks={n_tasks} must be at least 1")

@@ -195,7 +195,7 @@ _ABSENT = object()
 def eval_config(loaded: Loaded, overrides: Sequence[str]) -> DictConfig:
     """The run's config with the test-data overrides of `incr eval` applied and checked. A data set chosen
     with dataset=image_folder takes the model's image size and channels unless they are given."""
-    from incr_cli.config import ConfigError, _check_stream
+    from incr_cli.config import ConfigError, check_stream
     from incr_cli.data.sources import check_available
 
     cfg = OmegaConf.create(OmegaConf.to_container(loaded.cfg))
@@ -236,7 +236,7 @@ def eval_config(loaded: Loaded, overrides: Sequence[str]) -> DictConfig:
         raise InferenceError(f"evaluate_on={cfg.evaluate_on} is not valid; choose one of: test, val")
     try:
         check_available(cfg.dataset.name, cfg.data, cfg.dataset)  # an image folder fills in its shape here
-        _check_stream(cfg.dataset)
+        check_stream(cfg.dataset)
     except ConfigError as error:
         raise InferenceError(str(error)) from None
     if cfg.evaluate_on == "val" and not cfg.dataset.val_fraction:

@@ -68,7 +68,9 @@ def check_command(argv: list[str]) -> None:
                 raise ConfigError(_unknown_choice(error)) from None
             except (HydraException, OmegaConfBaseException) as error:
                 raise ConfigError(_one_line(error)) from None
-            composed = to_container(cfg)  # as the run's .hydra/config.yaml holds it, before check_config fills in
+            composed = to_container(
+                cfg
+            )  # as the run's .hydra/config.yaml holds it, before check_config fills in
             check_config(cfg)  # values found on disk (dataset=image_folder's num_classes and input_shape)
             if cfg.resume:
                 _check_resumable(argv, composed)

@@ -74,7 +74,9 @@ def check_available(name: str, data: DictConfig, dataset: DictConfig | None = No
         if dataset is not None:
             from incr_cli.data.image_folder import check_folder_domains, check_image_folder
 
-            check_folder_domains(dataset) if dataset.get("domains") == "folders" else check_image_folder(dataset)
+            check_folder_domains(dataset) if dataset.get("domains") == "folders" else check_image_folder(
+                dataset
+            )
         return
     root = Path(data.root).expanduser()
     if name == "digits" or data.download:

@@ -172,7 +172,9 @@ def _folder_domain_stream(source: Source, dataset: DictConfig, classes: list[int
             val_index.append(members[:n_val].sort().values)
             train_index.append(members[n_val:])
         test_index = torch.nonzero(source.test_domain == task_id).flatten()
-        tasks.append(Task(task_id, classes, torch.cat(train_index).sort().values, torch.cat(val_index), test_index))
+        tasks.append(
+            Task(task_id, classes, torch.cat(train_index).sort().values, torch.cat(val_index), test_index)
+        )
     return Stream(source.train_x, source.train_y, source.test_x, source.test_y, tasks, classes,
                   list(source.class_names), source.max_value)  # fmt: skip
 
