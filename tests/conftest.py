@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import DictConfig
 
 from incr_cli.cli import main
@@ -126,3 +127,53 @@ def assert_resumes_exactly(tmp_path: Path, overrides: list[str], fault: str = "s
     for key, value in expected_weights.items():
         assert torch.equal(weights[key], value), key
     return resumed
+
+
+class RawPixels(torch.nn.Module):
+    """A backbone whose features are the raw pixels of a tiny image: with it, a head's logits are computable
+    by hand (w . x + b)."""
+
+    def __init__(self, n_pixels: int):
+        super().__init__()
+        self.feature_dim = n_pixels
+
+    def forward(self, x):
+        return x.flatten(1)
+
+
+def tiny_context(model, pixels: list, labels: list[int], tasks: list[list[int]], batch_size: int, flip=False):
+    """A Context around `model` whose stream holds one 1 x W uint8 image per sample (`pixels`: a number or a
+    tuple of W numbers each, full intensity 1), three classes split into `tasks`, no test set, plain SGD."""
+    from omegaconf import OmegaConf
+
+    from incr_cli.data.batches import Preprocess
+    from incr_cli.data.stream import Stream, Task
+    from incr_cli.strategies.base import Context
+
+    train_x = torch.tensor(pixels, dtype=torch.uint8).reshape(len(labels), 1, 1, -1)
+    dataset = OmegaConf.create({"input_shape": list(train_x.shape[1:]), "normalize": False, "mean": [0.0],
+                                "std": [1.0], "augment": {"crop_padding": 0, "horizontal_flip": flip,
+                                                          "rotation_degrees": 0.0}})  # fmt: skip
+    train_y = torch.tensor(labels)
+    empty = torch.zeros(0, dtype=torch.long)
+    stream_tasks = [
+        Task(i, classes, torch.nonzero(torch.isin(train_y, torch.tensor(classes))).flatten(), empty, empty)
+        for i, classes in enumerate(tasks)
+    ]
+    stream = Stream(
+        train_x, train_y, train_x[:0], empty, stream_tasks, [0, 1, 2], ["0", "1", "2"], max_value=1
+    )
+    return Context(model, stream, Preprocess(dataset, 1, torch.device("cpu")), torch.Generator().manual_seed(0),
+                   torch.device("cpu"), lambda p: torch.optim.SGD(p, lr=0.1), batch_size=batch_size, epochs=1, seed=0)  # fmt: skip
+
+
+def old_class_bias(strategy) -> tuple[float, float]:
+    """On the test samples of the classes seen before the current task: the fraction predicted as one of the
+    current task's classes, and the accuracy (argmax over the classes seen so far)."""
+    n_old, seen = strategy.old_classes, strategy.model.head.n_classes
+    strategy.model.eval()
+    scores = strategy.predict(strategy.context.preprocess(strategy.stream.test_x))[:, :seen]
+    strategy.model.train()
+    y = strategy.stream.test_y
+    prediction = scores[y < n_old].argmax(1)
+    return (prediction >= n_old).float().mean().item(), (prediction == y[y < n_old]).float().mean().item()

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_resumes_exactly, final_accuracy, run_experiment
+from conftest import assert_resumes_exactly, final_accuracy, old_class_bias, run_experiment
 
 from incr_cli.memory import Memory
 from incr_cli.strategies.bic import BiasCorrection, fit_bias_correction
@@ -38,18 +38,6 @@ def test_bias_correction_layers_apply_per_task_by_hand():
     assert torch.equal(strategy.calibrated(logits), torch.tensor([[2.0, 4.0, 2.0, 3.0, 7.0]]))
     # a head that has not grown to all classes yet is corrected over its own columns
     assert torch.equal(strategy.calibrated(logits[:, :3]), torch.tensor([[2.0, 4.0, 2.0]]))
-
-
-def old_class_bias(strategy: BiasCorrection) -> tuple[float, float]:
-    """On the test samples of the classes seen before the current task: the fraction predicted as one of
-    the current task's classes, and the accuracy (argmax over the classes seen so far)."""
-    n_old, seen = strategy.old_classes, strategy.model.head.n_classes
-    strategy.model.eval()
-    scores = strategy.predict(strategy.context.preprocess(strategy.stream.test_x))[:, :seen]
-    strategy.model.train()
-    y = strategy.stream.test_y
-    prediction = scores[y < n_old].argmax(1)
-    return (prediction >= n_old).float().mean().item(), (prediction == y[y < n_old]).float().mean().item()
 
 
 def test_bias_correction_makes_the_head_less_biased_towards_new_classes_on_digits(tmp_path, monkeypatch):

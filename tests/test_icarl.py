@@ -8,25 +8,11 @@ import math
 
 import pytest
 import torch
-from conftest import assert_resumes_exactly, run_experiment
-from omegaconf import OmegaConf
-from torch import nn
+from conftest import RawPixels, assert_resumes_exactly, run_experiment, tiny_context
 
-from incr_cli.data.batches import Preprocess
-from incr_cli.data.stream import Stream, Task
 from incr_cli.memory import Memory
 from incr_cli.models.head import IncrementalNet
-from incr_cli.strategies.base import Context
 from incr_cli.strategies.icarl import ICaRL, icarl_loss
-
-
-class TwoPixels(nn.Module):
-    """The two pixels of a 1x1x2 image are the features."""
-
-    feature_dim = 2
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flatten(1)
 
 
 def two_pixel_icarl(
@@ -34,23 +20,9 @@ def two_pixel_icarl(
 ):
     """`icarl` on a linear head over two raw pixels, three classes in the stream, the first task's active;
     `flip`: the data set trains with horizontal flips (which swap the two pixels)."""
-    model = IncrementalNet(TwoPixels(), 3)
+    model = IncrementalNet(RawPixels(2), 3)
     model.head.grow(len(tasks[0]))
-    dataset = OmegaConf.create({"input_shape": [1, 1, 2], "normalize": False, "mean": [0.0], "std": [1.0],
-                                "augment": {"crop_padding": 0, "horizontal_flip": flip, "rotation_degrees": 0.0}})  # fmt: skip
-    train_x = torch.tensor(pixels, dtype=torch.uint8).reshape(-1, 1, 1, 2)
-    train_y = torch.tensor(labels)
-    empty = torch.zeros(0, dtype=torch.long)
-    stream_tasks = [
-        Task(i, classes, torch.nonzero(torch.isin(train_y, torch.tensor(classes))).flatten(), empty, empty)
-        for i, classes in enumerate(tasks)
-    ]
-    stream = Stream(
-        train_x, train_y, train_x[:0], empty, stream_tasks, [0, 1, 2], ["0", "1", "2"], max_value=1
-    )
-    context = Context(model, stream, Preprocess(dataset, 1, torch.device("cpu")), torch.Generator().manual_seed(0),
-                      torch.device("cpu"), lambda p: torch.optim.SGD(p, lr=0.1), batch_size=2, epochs=1, seed=0)  # fmt: skip
-    icarl.setup(context)
+    icarl.setup(tiny_context(model, pixels, labels, tasks, batch_size=2, flip=flip))
     return icarl
 
 

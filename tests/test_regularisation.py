@@ -7,51 +7,24 @@ import math
 
 import pytest
 import torch
-from conftest import assert_resumes_exactly, run_experiment
-from omegaconf import OmegaConf
-from torch import nn
+from conftest import RawPixels, assert_resumes_exactly, run_experiment, tiny_context
 
-from incr_cli.data.batches import Batch, Preprocess
-from incr_cli.data.stream import Stream, Task
+from incr_cli.data.batches import Batch
 from incr_cli.engine import Hardware, Optimization
 from incr_cli.models.head import IncrementalNet
-from incr_cli.strategies.base import Context
 from incr_cli.strategies.ewc import EWC
 from incr_cli.strategies.mas import MemoryAwareSynapses
 from incr_cli.strategies.si import SynapticIntelligence
 
 
 # ----------------------------------------------------------------------------------------- a network to compute by hand
-class Pixel(nn.Module):
-    """The one pixel of a 1x1x1 image is the feature: logits are w * x + b."""
-
-    feature_dim = 1
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flatten(1)
-
-
 def setup(strategy, pixels: list[int], labels: list[int], tasks: list[list[int]], seen: int, batch_size: int):
     """`strategy` on a head over one raw pixel, every weight and bias 0, three classes in the stream."""
-    model = IncrementalNet(Pixel(), 3)
+    model = IncrementalNet(RawPixels(1), 3)
     model.head.future_weight.zero_()
     model.head.future_bias.zero_()
     model.head.grow(seen)
-    dataset = OmegaConf.create({"input_shape": [1, 1, 1], "normalize": False, "mean": [0.0], "std": [1.0],
-                                "augment": {"crop_padding": 0, "horizontal_flip": False, "rotation_degrees": 0.0}})  # fmt: skip
-    train_x = torch.tensor(pixels, dtype=torch.uint8).reshape(-1, 1, 1, 1)
-    train_y = torch.tensor(labels)
-    empty = torch.zeros(0, dtype=torch.long)
-    stream_tasks = [
-        Task(i, classes, torch.nonzero(torch.isin(train_y, torch.tensor(classes))).flatten(), empty, empty)
-        for i, classes in enumerate(tasks)
-    ]
-    stream = Stream(
-        train_x, train_y, train_x[:0], empty, stream_tasks, [0, 1, 2], ["0", "1", "2"], max_value=1
-    )
-    context = Context(model, stream, Preprocess(dataset, 1, torch.device("cpu")), torch.Generator().manual_seed(0),
-                      torch.device("cpu"), lambda p: torch.optim.SGD(p, lr=0.1), batch_size=batch_size, epochs=1, seed=0)  # fmt: skip
-    strategy.setup(context)
+    strategy.setup(tiny_context(model, pixels, labels, tasks, batch_size))
     return strategy
 
 

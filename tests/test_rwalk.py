@@ -7,49 +7,23 @@ import math
 
 import pytest
 import torch
-from conftest import assert_resumes_exactly, run_experiment
-from omegaconf import OmegaConf
-from torch import nn
+from conftest import RawPixels, assert_resumes_exactly, run_experiment, tiny_context
 
-from incr_cli.data.batches import Batch, Preprocess
-from incr_cli.data.stream import Stream, Task
+from incr_cli.data.batches import Batch
 from incr_cli.engine import Hardware, Optimization
 from incr_cli.models.head import IncrementalNet
-from incr_cli.strategies.base import Context
 from incr_cli.strategies.rwalk import RiemannianWalk
-
-
-class Pixel(nn.Module):
-    """The one pixel of a 1x1x1 image is the feature: logits are w * x + b."""
-
-    feature_dim = 1
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flatten(1)
 
 
 def pixel_rwalk(rwalk: RiemannianWalk, pixels: list[int], labels: list[int], tasks: list[list[int]]):
     """`rwalk` on a head over one raw pixel, weights and biases 0, two of three classes active, plain SGD."""
-    model = IncrementalNet(Pixel(), 3)
+    model = IncrementalNet(RawPixels(1), 3)
     model.head.future_weight.zero_()
     model.head.future_bias.zero_()
     model.head.grow(2)
-    dataset = OmegaConf.create({"input_shape": [1, 1, 1], "normalize": False, "mean": [0.0], "std": [1.0],
-                                "augment": {"crop_padding": 0, "horizontal_flip": False, "rotation_degrees": 0.0}})  # fmt: skip
-    train_x = torch.tensor(pixels, dtype=torch.uint8).reshape(-1, 1, 1, 1)
-    train_y = torch.tensor(labels)
-    empty = torch.zeros(0, dtype=torch.long)
-    stream_tasks = [
-        Task(i, classes, torch.nonzero(torch.isin(train_y, torch.tensor(classes))).flatten(), empty, empty)
-        for i, classes in enumerate(tasks)
-    ]
-    stream = Stream(
-        train_x, train_y, train_x[:0], empty, stream_tasks, [0, 1, 2], ["0", "1", "2"], max_value=1
-    )
-    context = Context(model, stream, Preprocess(dataset, 1, torch.device("cpu")), torch.Generator().manual_seed(0),
-                      torch.device("cpu"), lambda p: torch.optim.SGD(p, lr=0.1), batch_size=1, epochs=1, seed=0)  # fmt: skip
+    context = tiny_context(model, pixels, labels, tasks, batch_size=1)
     rwalk.setup(context)
-    rwalk.before_task(stream.tasks[0])
+    rwalk.before_task(context.stream.tasks[0])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     return rwalk, Optimization(optimizer, scaler, Hardware(torch.device("cpu"), None), "stop", str)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_resumes_exactly, final_accuracy, run_experiment
+from conftest import assert_resumes_exactly, final_accuracy, old_class_bias, run_experiment
 
 from incr_cli.strategies.wa import WeightAligning, align_weights
 
@@ -20,18 +20,6 @@ def test_weight_aligning_factor_by_hand():
     assert torch.equal(weight, torch.tensor([[3.0, 4.0], [0.0, 1.0], [3.0, 4.0], [0.0, 1.0]]))
     # after aligning, both groups have the same mean norm: a second alignment changes nothing
     assert align_weights(weight, n_old=2) == pytest.approx(1.0)
-
-
-def old_class_bias(strategy: WeightAligning) -> tuple[float, float]:
-    """On the test samples of the classes seen before the current task: the fraction predicted as one of
-    the current task's classes, and the accuracy (argmax over the classes seen so far)."""
-    n_old, seen = strategy.old_classes, strategy.model.head.n_classes
-    strategy.model.eval()
-    scores = strategy.predict(strategy.context.preprocess(strategy.stream.test_x))[:, :seen]
-    strategy.model.train()
-    y = strategy.stream.test_y
-    prediction = scores[y < n_old].argmax(1)
-    return (prediction >= n_old).float().mean().item(), (prediction == y[y < n_old]).float().mean().item()
 
 
 def test_aligned_head_is_less_biased_towards_new_classes_on_digits(tmp_path, monkeypatch):
