@@ -92,17 +92,16 @@ def test_task_il_accuracy_is_at_least_class_il_accuracy_and_masked_training_help
     assert task_il["task_il"]["final_average_accuracy"] > class_il["task_il"]["final_average_accuracy"] + 0.2
 
 
-def test_replay_beats_finetune_in_domain_il_on_permuted_digits(tmp_path):
-    # Measured on 5 permutations of digits, 5 epochs, seed 0: replay 0.904 (forgetting 0.09), finetune 0.373
-    # (forgetting 0.75).
-    settings = ["dataset.scenario=domain_il", "dataset.domains=permuted", "epochs=5", *FAST]
+@pytest.mark.parametrize("domains", ["permuted", "rotated"])
+def test_replay_beats_finetune_in_domain_il_on_digits(tmp_path, domains):
+    # Measured on 5 domains of digits, 5 epochs, seed 0, final average accuracy (forgetting):
+    # permuted: replay 0.904 (0.09), finetune 0.373 (0.75); rotated 0..144: replay 0.884 (0.11), finetune 0.447 (0.65).
+    settings = ["dataset.scenario=domain_il", f"dataset.domains={domains}", "epochs=5", *FAST]
     finetune = run_experiment(tmp_path / "finetune", ["strategy=finetune", *settings])
     replay = run_experiment(tmp_path / "replay", ["strategy=replay", *settings])
     assert finetune["run"]["scenario"] == "domain_il"
-    assert (
-        replay["class_il"]["final_average_accuracy"] > finetune["class_il"]["final_average_accuracy"] + 0.05
-    )
-    assert replay["class_il"]["average_forgetting"] < finetune["class_il"]["average_forgetting"]
+    assert replay["class_il"]["final_average_accuracy"] > finetune["class_il"]["final_average_accuracy"] + 0.3
+    assert replay["class_il"]["average_forgetting"] < finetune["class_il"]["average_forgetting"] - 0.3
 
 
 def test_online_makes_one_pass_with_a_batch_by_batch_method(tmp_path):
