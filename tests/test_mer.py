@@ -110,9 +110,11 @@ def test_mer_needs_a_reservoir_memory():
 
 @pytest.mark.slow
 def test_mer_remembers_what_finetune_forgets_on_digits(tmp_path):
-    finetune = run_experiment(tmp_path / "ft", ["strategy=finetune", "dataset=digits", "seed=0"])
-    mer = run_experiment(tmp_path / "mer", ["strategy=mer", "dataset=digits", "seed=0"])
-    assert final_accuracy(mer) > final_accuracy(finetune) + 0.3
+    # 3 epochs per task keep the test short: MER reaches 0.830 (seed 0), finetune 0.200
+    settings = ["dataset=digits", "seed=0", "epochs=3", "hardware=cpu", "hardware.num_threads=1"]
+    finetune = run_experiment(tmp_path / "ft", ["strategy=finetune", *settings])
+    mer = run_experiment(tmp_path / "mer", ["strategy=mer", *settings])
+    assert final_accuracy(mer) > final_accuracy(finetune) + 0.4
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])  # float16 adds the GradScaler: unscale, then step
@@ -128,4 +130,7 @@ def test_mer_trains_under_mixed_precision(tmp_path, dtype):
 
 @pytest.mark.slow
 def test_mer_resumes_exactly(tmp_path):
-    assert_resumes_exactly(tmp_path, ["strategy=mer", "epochs=2"])
+    # fewer meta-batches than the default (s = 2, k - 1 = 2) keep the test short; the state to restore is the same
+    assert_resumes_exactly(
+        tmp_path, ["strategy=mer", "epochs=2", "strategy.batches_per_example=2", "strategy.replay_batches=2"]
+    )
