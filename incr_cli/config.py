@@ -61,6 +61,7 @@ class DatasetConfig:
     test_fraction: float | None = None
     on_bad_file: str | None = None
     max_decoded_gb: float | None = None
+    memory_map_gb: float | None = None
 
 
 @dataclass

@@ -283,3 +283,24 @@ def test_settings_the_folder_cannot_satisfy_are_one_line_errors(tmp_path, overri
     assert "\n" not in message
     for word in words:
         assert word in message, message
+
+
+def test_a_folder_over_memory_map_gb_trains_from_disk_to_the_same_numbers(digit_run, tmp_path):
+    # memory_map_gb=0: every folder counts as too large for memory; the images are decoded into .npy files
+    # in the cache and read from disk through memory maps, and the run must equal the in-memory one.
+    from incr_cli.data.image_folder import _cache_path, check_image_folder, load_image_folder
+
+    settings = [*DIGIT_RUN, f"dataset.folder={digit_run['folder']}", f"data.root={tmp_path / 'data'}",
+                "dataset.memory_map_gb=0"]  # fmt: skip
+    metrics = run_experiment(tmp_path / "run", settings)
+    cached = sorted(p.name.split(".", 1)[1] for p in (tmp_path / "data" / ".incr-cache").iterdir())
+    assert cached == ["pt", "test.npy", "train.npy"]  # the splits on disk, beside the cache's metadata
+    assert metrics["class_il"]["accuracy_matrix"] == digit_run["metrics"]["class_il"]["accuracy_matrix"]
+    assert "memory-mapped from disk" in (tmp_path / "run" / "train.log").read_text()
+
+    cfg = compose_config(settings)
+    source = load_image_folder(cfg.dataset, cfg.data)  # from the cache: the tensors are views of the files
+    train_file = _cache_path(tmp_path / "data", check_image_folder(cfg.dataset)).with_suffix(".train.npy")
+    on_disk = np.load(train_file, mmap_mode="r")
+    assert torch.equal(source.train_x, torch.from_numpy(np.array(on_disk)))
+    assert not source.train_x.untyped_storage().resizable()  # not an ordinary tensor: memory it does not own

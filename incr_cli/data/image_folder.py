@@ -75,6 +75,11 @@ def check_image_folder(dataset: DictConfig) -> FolderPlan:
     test_fraction = dataset.get("test_fraction")
     if test_fraction is None or not 0.0 <= test_fraction < 1.0:
         raise ConfigError(f"dataset.test_fraction={test_fraction} must be in [0, 1)")
+    threshold = dataset.get("memory_map_gb")
+    if threshold is not None and not threshold >= 0:
+        raise ConfigError(
+            f"dataset.memory_map_gb={threshold} must be 0 or more, or null to keep images in memory"
+        )
     limit = dataset.get("max_decoded_gb")
     if limit is not None and not limit > 0:
         raise ConfigError(f"dataset.max_decoded_gb={limit} must be positive, or null for no limit")
@@ -104,8 +109,8 @@ def check_image_folder(dataset: DictConfig) -> FolderPlan:
     if limit is not None and decoded > limit * 1e9:
         raise ConfigError(
             f"{root} decodes to {decoded / 1e9:.2f} GB ({listing.n_images} images of {'x'.join(map(str, shape))}), "
-            f"over dataset.max_decoded_gb={limit}; lower dataset.image_size, or raise the limit if the memory is "
-            "there (incr holds the decoded images in memory; streaming from disk is not implemented)"
+            f"over dataset.max_decoded_gb={limit}; lower dataset.image_size, or raise the limit if the disk is "
+            "there (above dataset.memory_map_gb the decoded images stay on disk, memory-mapped)"
         )
     return plan
 
@@ -154,17 +159,27 @@ def load_folder_domains(dataset: DictConfig, data: DictConfig) -> Source:
 
 
 def load_image_folder(dataset: DictConfig, data: DictConfig) -> Source:
-    """The folder's images as uint8 [N, C, H, W] and int64 labels, from the cache when the files are unchanged."""
+    """The folder's images as uint8 [N, C, H, W] and int64 labels, from the cache when the files are unchanged.
+
+    Above dataset.memory_map_gb of decoded pixels, the images are decoded straight into .npy files beside the
+    cache and memory-mapped: a batch, a memory update or an evaluation reads only its rows from disk, through
+    the same index slices as the in-memory path, so a folder larger than the RAM trains on the CPU."""
     plan = check_image_folder(dataset)
     listing = plan.listing
     cache = _cache_path(Path(str(data.root)).expanduser(), plan)
+    threshold = dataset.get("memory_map_gb")
+    decoded_bytes = listing.n_images * plan.channels * plan.size[0] * plan.size[1]
+    mapped = threshold is not None and decoded_bytes > threshold * 1e9
     state = _read_cache(cache)
     if state is None:
-        state = _decode(plan)
+        state = _decode(plan, cache if mapped else None)
         _write_cache(cache, state)
         where = f"decoded; cached in {cache}"
     else:
         where = f"read from the cache {cache}"
+    if isinstance(state["train_x"], str):  # memory-mapped: the cache names the .npy files
+        state = {**state, **{k: _mapped(cache.parent / state[k]) for k in ("train_x", "test_x")}}
+        where += " (memory-mapped from disk)"
     skipped = state["skipped"]
     if skipped and plan.on_bad_file == "stop":  # a cache written by an earlier run with on_bad_file=skip
         raise _unreadable(listing.root / skipped[0][0], skipped[0][1])
@@ -286,9 +301,10 @@ def _oriented_size(image) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------------------------------------ decoding
-def _decode(plan: FolderPlan) -> dict:
+def _decode(plan: FolderPlan, mapped_cache: Path | None = None) -> dict:
     """Decode every listed file into one preallocated array; threads, since Pillow releases the GIL while it
-    decodes and resizes."""
+    decodes and resizes. With `mapped_cache`, the array is a file on disk and the train and test splits are
+    written to .npy files named in the returned state instead of held in memory."""
     global decoded_files
     from PIL import Image, ImageOps
 
@@ -296,7 +312,13 @@ def _decode(plan: FolderPlan) -> dict:
     entries = [(split, label, path) for split, per_class in listing.files.items()
                for label, paths in enumerate(per_class) for path in paths]  # fmt: skip
     height, width = plan.size
-    pixels = np.empty((len(entries), plan.channels, height, width), dtype=np.uint8)
+    shape = (len(entries), plan.channels, height, width)
+    if mapped_cache is None:
+        pixels = np.empty(shape, dtype=np.uint8)
+    else:
+        mapped_cache.parent.mkdir(parents=True, exist_ok=True)
+        scratch = mapped_cache.with_suffix(".decoding.npy")
+        pixels = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.uint8, shape=shape)
     mode = CHANNEL_MODES[plan.channels]
 
     def decode(row: int) -> tuple[int, int] | str:
@@ -349,14 +371,40 @@ def _decode(plan: FolderPlan) -> dict:
             if not (labels[rows] == label).any():
                 raise ConfigError(f"class '{name}' has no readable {split} image left after skipping unreadable "
                                   "files (named in the log); fix or remove them, or remove the class folder")  # fmt: skip
+    if mapped_cache is None:
+        train_x, test_x = torch.from_numpy(pixels[train_rows]), torch.from_numpy(pixels[test_rows])
+    else:
+        train_x = _write_rows(pixels, train_rows, mapped_cache.with_suffix(".train.npy"))
+        test_x = _write_rows(pixels, test_rows, mapped_cache.with_suffix(".test.npy"))
+        del pixels
+        scratch.unlink(missing_ok=True)
     return {
-        "train_x": torch.from_numpy(pixels[train_rows]),
+        "train_x": train_x,
         "train_y": torch.from_numpy(labels[train_rows]),
-        "test_x": torch.from_numpy(pixels[test_rows]),
+        "test_x": test_x,
         "test_y": torch.from_numpy(labels[test_rows]),
         "skipped": skipped,
         "sizes": [[h, w, n] for (w, h), n in sorted(sizes.items(), key=lambda item: -item[1])],
     }
+
+
+def _write_rows(pixels: np.ndarray, rows: np.ndarray, path: Path, chunk: int = 4096) -> str:
+    """pixels[rows] into the .npy file `path`, a chunk at a time (never the whole split in memory); written
+    under a temporary name and renamed, so that a cache never names a torn file. Returns the file's name."""
+    partial = path.with_suffix(".partial.npy")
+    out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(len(rows), *pixels.shape[1:]))
+    for first in range(0, len(rows), chunk):
+        out[first : first + chunk] = pixels[rows[first : first + chunk]]
+    out.flush()
+    del out
+    os.replace(partial, path)
+    return path.name
+
+
+def _mapped(path: Path) -> torch.Tensor:
+    """A uint8 tensor over the .npy file's pages: rows are read from disk when indexed. Copy-on-write, so the
+    file is never changed."""
+    return torch.from_numpy(np.load(path, mmap_mode="c"))
 
 
 def _hold_out(labels: np.ndarray, good: np.ndarray, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -406,7 +454,10 @@ def _read_cache(path: Path) -> dict | None:
         return None
     try:
         state = torch.load(path, weights_only=True)
-        if {"train_x", "train_y", "test_x", "test_y", "skipped", "sizes"} <= set(state):
+        named = [state.get(k) for k in ("train_x", "test_x") if isinstance(state.get(k), str)]
+        if {"train_x", "train_y", "test_x", "test_y", "skipped", "sizes"} <= set(state) and all(
+            (path.parent / name).is_file() for name in named
+        ):
             return state
     except Exception:  # a damaged cache is rebuilt from the files
         pass
@@ -427,8 +478,8 @@ def _write_cache(path: Path, state: dict) -> None:
         log.warning("the decoded images could not be cached in %s (%s)", path.parent, error)
         return
     # A folder's earlier caches describe files that have changed since: only the newest is kept.
-    for older in path.parent.glob(f"image_folder-{path.name.split('-')[1]}-*.pt"):
-        if older != path:
+    for older in path.parent.glob(f"image_folder-{path.name.split('-')[1]}-*"):
+        if not older.name.startswith(path.stem):
             older.unlink(missing_ok=True)
 
 
