@@ -353,10 +353,10 @@ class Run:
         self.model.eval()
         stream = self.stream
         faults.reach("evaluate")
-        images, y, task_of_sample = stream.evaluation_split(self.cfg.evaluate_on)
+        images, rows, y, task_of_sample = stream.evaluation_split(self.cfg.evaluate_on)
         with self.hardware.autocast():
             scores = torch.cat([self.strategy.predict(self.preprocess(x)).float()
-                                for x in eval_batches(images, self.cfg.eval_batch_size)])  # fmt: skip
+                                for x in eval_batches(images, rows, self.cfg.eval_batch_size)])  # fmt: skip
         if n_seen:
             class_prediction = scores[:, :n_seen].argmax(1)
         else:  # nothing learned yet: no class can be predicted

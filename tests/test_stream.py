@@ -84,12 +84,12 @@ def test_initial_classes_makes_a_larger_first_task_then_equal_steps():
 
 def test_the_evaluation_split_names_the_task_of_each_test_sample():
     _, stream = stream_for("dataset.initial_classes=4", "dataset.n_tasks=4")
-    x, y, task_ids = stream.evaluation_split("test")
+    x, rows, y, task_ids = stream.evaluation_split("test")
+    assert torch.equal(y, stream.test_y[rows]) and x is stream.test_x
     # labels 0-3 -> task 0, 4-5 -> 1, 6-7 -> 2, 8-9 -> 3; every test sample once
     assert torch.equal(task_ids, torch.tensor([0, 0, 0, 0, 1, 1, 2, 2, 3, 3])[y])
     assert torch.equal(stream.task_ids(y), task_ids)
     assert len(y) == len(stream.test_y) and torch.equal(y.sort().values, stream.test_y.sort().values)
-    assert len(x) == len(y)
 
 
 def test_class_order_seed_shuffles_deterministically():

@@ -52,9 +52,10 @@ class DeviceBatches:
             yield Batch(self.x[rows], self.y[rows], weight)
 
 
-def eval_batches(x: Tensor, batch_size: int) -> Iterator[Tensor]:
-    for first in range(0, len(x), batch_size):
-        yield x[first : first + batch_size]
+def eval_batches(x: Tensor, rows: Tensor, batch_size: int) -> Iterator[Tensor]:
+    """x[rows] a batch at a time: a memory-mapped data set is read batch by batch, never whole."""
+    for first in range(0, len(rows), batch_size):
+        yield x[rows[first : first + batch_size]]
 
 
 class Preprocess:

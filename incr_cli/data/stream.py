@@ -70,10 +70,10 @@ class Stream:
             task_of_label[task.classes] = task.id
         return task_of_label.to(labels.device)[labels]
 
-    def evaluation_split(self, split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Images, labels and task ids evaluated after every task: every task's test samples, or the
-        training samples it held out (`dataset.val_fraction`), for choosing hyper-parameters without
-        looking at the test set."""
+    def evaluation_split(self, split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What is evaluated after every task: the images tensor, the rows of it to evaluate, their labels and
+        their task ids. The rows are every task's test samples, or the training samples it held out
+        (`dataset.val_fraction`), for choosing hyper-parameters without looking at the test set."""
         if split == "test":
             x, y, rows = self.test_x, self.test_y, [task.test_index for task in self.tasks]
         else:
@@ -82,7 +82,7 @@ class Stream:
             [torch.full_like(r, task.id) for r, task in zip(rows, self.tasks, strict=True)]
         )
         rows = torch.cat(rows)
-        return x[rows], y[rows], task_of_row
+        return x, rows, y[rows], task_of_row
 
 
 def resolve_class_order(dataset: DictConfig) -> list[int]:
