@@ -11,6 +11,7 @@ import argparse
 import csv
 import json
 import math
+import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,9 +74,12 @@ class RunDir:
 
     @property
     def dataset(self) -> str:
-        return (
-            self.metrics["run"]["dataset"] if self.metrics else str(self.config["dataset"].get("name", "?"))
-        )
+        """The data set, and its scenario unless class-IL: a domain-IL stream is another benchmark."""
+        if self.metrics is None:
+            return str(self.config["dataset"].get("name", "?"))
+        scenario = self.metrics["run"].get("scenario", "class_il")
+        name = self.metrics["run"]["dataset"]
+        return name if scenario == "class_il" else f"{name}, {scenario.replace('_', '-')}"
 
     def value(self, key: str, scenario: str) -> float | None:
         m = self.metrics
@@ -251,7 +255,7 @@ def write_figures(out: Path, dataset: str, rows: list[tuple[Group, dict]], scena
         curves[label] = _mean_std_columns(per_seed)
         matrices[label] = _mean_matrix([run.metrics[scenario]["accuracy_matrix"] for run in group.runs])
         forgetting[label] = _mean_std_columns([run.metrics[scenario]["forgetting"] for run in group.runs])
-    stem = out / f"report_{dataset}_{scenario}"
+    stem = out / f"report_{re.sub(r'[^A-Za-z0-9]+', '_', dataset)}_{scenario}"
     written = []
     for suffix in ("png", "svg"):
         for name, draw, data in (

@@ -27,6 +27,14 @@ def sweep(tmp_path_factory):
     status = main(["train", "-m", f"strategy={','.join(METHODS)}", f"seed={','.join(map(str, SEEDS))}",
                    *settings, f"hydra.sweep.dir={root / 'multirun'}"])  # fmt: skip
     assert status == 0
+    # the same strategy on a domain-IL stream of the same data set: a table of its own
+    domain = [
+        "strategy=replay",
+        "dataset.scenario=domain_il",
+        "dataset.domains=permuted",
+        "dataset.n_tasks=2",
+    ]
+    assert main(["train", *domain, *settings, f"hydra.run.dir={root / 'domain'}"]) == 0
     faults._counts.clear()
     os.environ["INCR_FAULT"] = "step:30:SIGTERM"  # 18 steps per task: stops in task 2
     try:
@@ -48,8 +56,10 @@ def test_report_matches_the_runs_own_metrics(sweep, tmp_path):
     out = tmp_path / "report"
     assert main(["report", str(sweep), "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
-    groups = {g["method"]: g for g in report["groups"]}
+    groups = {g["method"]: g for g in report["groups"] if g["dataset"] == "digits"}
     assert set(groups) == set(METHODS)
+    domain = [g for g in report["groups"] if g["dataset"] != "digits"]
+    assert [(g["dataset"], g["method"], g["seeds"]) for g in domain] == [("digits, domain-il", "replay", [0])]
     for method in METHODS:
         runs = own_metrics(sweep, method)
         group = groups[method]
@@ -72,11 +82,12 @@ def test_report_matches_the_runs_own_metrics(sweep, tmp_path):
     )
 
     # Sorted best first by final average accuracy; the CSV carries the same numbers.
-    order = [g["method"] for g in report["groups"]]
-    means = [g["figures"]["final_average_accuracy"]["mean"] for g in report["groups"]]
+    digits = [g for g in report["groups"] if g["dataset"] == "digits"]
+    order = [g["method"] for g in digits]
+    means = [g["figures"]["final_average_accuracy"]["mean"] for g in digits]
     assert means == sorted(means, reverse=True) and len(order) == 2
     with (out / "report.csv").open() as handle:
-        rows = {row["method"]: row for row in csv.DictReader(handle)}
+        rows = {row["method"]: row for row in csv.DictReader(handle) if row["dataset"] == "digits"}
     for method in METHODS:
         expected = groups[method]["figures"]["final_average_accuracy"]["mean"]
         assert float(rows[method]["final_average_accuracy_mean"]) == pytest.approx(expected)
