@@ -62,6 +62,10 @@ class DatasetConfig:
     on_bad_file: str | None = None
     max_decoded_gb: float | None = None
     memory_map_gb: float | None = None
+    # dataset=synthetic only (configs/dataset/synthetic.yaml)
+    train_per_class: int | None = None
+    test_per_class: int | None = None
+    generator_seed: int | None = None
 
 
 @dataclass

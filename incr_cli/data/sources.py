@@ -55,6 +55,8 @@ def load_source(name: str, data: DictConfig, dataset: DictConfig | None = None) 
         if dataset.get("domains") == "folders":
             return load_folder_domains(dataset, data)
         return load_image_folder(dataset, data)
+    if name == "synthetic":
+        return synthetic(dataset)
     check_available(name, data)
     root = Path(data.root).expanduser()
     if name == "digits":
@@ -64,7 +66,8 @@ def load_source(name: str, data: DictConfig, dataset: DictConfig | None = None) 
     if name in CIFAR_FOLDERS:
         return _cifar(name, root)
     raise ConfigError(
-        f"dataset {name!r} has no loader; valid: digits, mnist, fashion_mnist, cifar10, cifar100, image_folder"
+        f"dataset {name!r} has no loader; valid: digits, mnist, fashion_mnist, cifar10, cifar100, image_folder, "
+        "synthetic"
     )
 
 
@@ -79,7 +82,7 @@ def check_available(name: str, data: DictConfig, dataset: DictConfig | None = No
             )
         return
     root = Path(data.root).expanduser()
-    if name == "digits" or data.download:
+    if name in ("digits", "synthetic") or data.download:
         return
     if name in ("mnist", "fashion_mnist"):
         if _idx_folder(name, root) is None:
@@ -114,6 +117,25 @@ def _digits() -> Source:
     return Source(
         images[~test], labels[~test], images[test], labels[test], [str(c) for c in range(10)], max_value=16
     )
+
+
+def synthetic(dataset: DictConfig) -> Source:
+    """Generated images of dataset.input_shape: each class a fixed random template, each image half its class's
+    template and half uniform noise. For throughput benchmarks (PROTOCOLS.md, P3:
+    CIFAR-shaped data) and tests; nothing is read from disk. Seeded by dataset.generator_seed alone."""
+    generator = torch.Generator().manual_seed(int(dataset.generator_seed or 0))
+    shape = tuple(dataset.input_shape)
+    templates = torch.randint(0, 256, (dataset.num_classes, *shape), generator=generator, dtype=torch.uint8)
+
+    def split(per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.arange(dataset.num_classes).repeat_interleave(per_class)
+        noise = torch.randint(0, 256, (len(labels), *shape), generator=generator, dtype=torch.uint8)
+        images = ((templates[labels].to(torch.int16) + noise) // 2).to(torch.uint8)
+        return images, labels
+
+    train_x, train_y = split(int(dataset.train_per_class))
+    test_x, test_y = split(int(dataset.test_per_class))
+    return Source(train_x, train_y, test_x, test_y, [f"class {c}" for c in range(dataset.num_classes)])
 
 
 def _idx_folder(name: str, root: Path) -> Path | None:
