@@ -2,50 +2,76 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from incr_cli.data.batches import Batch
+from incr_cli.data.stream import Task
 from incr_cli.strategies.teacher import PreviousTaskTeacher
 
 
-def distillation_loss(logits: Tensor, old_logits: Tensor, temperature: float) -> Tensor:
-    """T^2 * KL(softmax(old / T) || softmax(new / T)), averaged over the batch, in float32.
-
-    `logits` and `old_logits` hold the same (old) classes, one row per sample."""
+def distillation_loss(
+    logits: Tensor, old_logits: Tensor, temperature: float, temperature_scaling: bool = False
+) -> Tensor:
+    """KL(softmax(old / T) || softmax(new / T)), averaged over the batch, in float32; times T^2 when
+    `temperature_scaling`. `logits` and `old_logits` hold the same (old) classes, one row per sample."""
     log_p = F.log_softmax(logits.float() / temperature, dim=1)
     q = F.softmax(old_logits.float() / temperature, dim=1)
-    return temperature**2 * F.kl_div(log_p, q, reduction="batchmean")
+    kl = F.kl_div(log_p, q, reduction="batchmean")
+    return temperature**2 * kl if temperature_scaling else kl
 
 
 class LearningWithoutForgetting(PreviousTaskTeacher):
     """LwF (Li and Hoiem 2016, "Learning without Forgetting", ECCV 2016; TPAMI 2018).
 
     At the start of every task after the first, a frozen copy of the network as it ended the previous task
-    (deep copy, eval mode) records its responses y_o to the new task's inputs. Each step minimises
+    (deep copy, eval mode) gives the responses y_o to the new task's inputs. Each step minimises
 
-        L = CE(f(x)[:, :seen], y) + alpha * T^2 * KL(softmax(y_o / T) || softmax(f(x)[:, :old] / T))
+        L = CE(f(x)[:, :seen], y) + alpha * KL(softmax(y_o / T) || softmax(f(x)[:, :old] / T))
 
     with `seen` the classes seen so far, `old` those of the previous tasks, both models fed the same
-    (augmented) input. The paper's old-task term is a modified cross-entropy, -sum_i y'_o,i log y'_i with
-    y' = softmax(y / T); this KL is that cross-entropy minus the entropy of the old model's soft targets, a
-    constant, so the gradients are the same and the reported loss is 0 when the outputs agree. The T^2 factor
-    (Hinton et al. 2015, "Distilling the Knowledge in a Neural Network") keeps the term's gradient scale
-    independent of T; the paper has no such factor, so its lambda_o = 1 corresponds to alpha = 1 / T^2 here.
+    (augmented) input. The paper's old-task term is the cross-entropy -sum_i y'_o,i log y'_i with
+    y' = softmax(y / T); the KL is that cross-entropy minus the old model's (constant) entropy: the same
+    gradients, and 0 when the outputs agree. alpha is the paper's lambda_o.
 
-    Defaults: T = 2, the paper's ("we set T = 2", Sec. 3); alpha = 1, the paper's lambda_o = 1 and protocol
-    P2's setting (alpha 1, temperature 2). One head grows with the classes, as in this project; the paper's
-    warm-up step (training only the new head first) is left out, as in Avalanche's and Mammoth's LwF.
+    `temperature_scaling: false` (default) is the paper's loss and Avalanche 0.6's LwF (alpha times the
+    batch-mean KL over the old classes) and Mammoth's lwf (alpha times the cross-entropy of the softened
+    outputs: the same gradients). `true` multiplies the term by T^2 (Hinton et al. 2015), which keeps its
+    gradient's scale independent of T; alpha then weighs T^2 times more.
 
-    The frozen copy's weights go through `state_dict`, so resume is exact."""
+    `alpha` may be a list with one weight per task, as Avalanche's: the task's own entry applies (the first
+    task's is unused: nothing to distil). Defaults: T = 2 ("we set T = 2", Sec. 3), alpha = 1 (lambda_o = 1).
+    One head grows with the classes; the paper's warm-up (training the new head alone first) is left out, as
+    in Avalanche's LwF (Mammoth's does it). The frozen copy's weights go through `state_dict`: exact resume."""
 
     supports_distributed = True  # its state comes from whole tasks, never from one rank's slice
 
-    def __init__(self, alpha: float = 1.0, temperature: float = 2.0):
-        if alpha < 0 or temperature <= 0:
+    def __init__(
+        self,
+        alpha: float | Sequence[float] = 1.0,
+        temperature: float = 2.0,
+        temperature_scaling: bool = False,
+    ):
+        alphas = [float(alpha)] if isinstance(alpha, (int, float)) else [float(a) for a in alpha]
+        if not alphas or min(alphas) < 0 or temperature <= 0:
             raise ValueError(f"LwF needs alpha >= 0 and temperature > 0, got {alpha=}, {temperature=}")
-        self.alpha, self.temperature = float(alpha), float(temperature)
+        self.alphas, self.per_task = alphas, not isinstance(alpha, (int, float))
+        self.temperature, self.temperature_scaling = float(temperature), bool(temperature_scaling)
+        self.alpha = alphas[0]
+
+    def before_task(self, task: Task) -> None:
+        super().before_task(task)
+        self.alpha = self.task_alpha(task.id)
+
+    def task_alpha(self, task_id: int) -> float:
+        if not self.per_task:
+            return self.alphas[0]
+        if task_id >= len(self.alphas):
+            raise ValueError(f"LwF's alpha list has {len(self.alphas)} entries: none for task {task_id + 1}")
+        return self.alphas[task_id]
 
     def loss(self, batch: Batch) -> Tensor:
         x = self.context.preprocess(batch.x, self.rng)
@@ -55,6 +81,13 @@ class LearningWithoutForgetting(PreviousTaskTeacher):
             with torch.no_grad():
                 old_logits = self.old_model(x)[:, : self.old_classes]
             loss = loss + self.alpha * distillation_loss(
-                logits[:, : self.old_classes], old_logits, self.temperature
+                logits[:, : self.old_classes], old_logits, self.temperature, self.temperature_scaling
             )
         return loss
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "alpha": self.alpha}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.alpha = float(state.get("alpha", self.alphas[0]))
