@@ -165,8 +165,8 @@ def test_importance_replay_remembers_what_finetune_forgets_on_digits(digits_runs
 
 
 def test_importance_replay_is_level_with_plain_replay_at_equal_memory_on_digits(digits_runs):
-    # On digits the two are level: seed 0 gives 0.947 against 0.950 with torch 2.14 and 0.981 against 0.950
-    # with torch 2.15, and one test sample of 360 is 0.003. On Split Fashion-MNIST it falls behind: keeping each
+    # On digits the two are level: seed 0 gives 0.947 against 0.950 with torch 2.14.1, and one test sample
+    # of 360 is 0.003. On Split Fashion-MNIST it falls behind: keeping each
     # class's highest-loss samples fills the memory with atypical ones (0.40 against 0.80); docs/methods.md.
     assert digits_runs["importance_replay"]["per_task"][-1]["memory_samples"] == 200
     assert digits_runs["replay"]["per_task"][-1]["memory_samples"] == 200
