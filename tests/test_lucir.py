@@ -1,5 +1,6 @@
 """LUCIR: cosine scores, the margin ranking loss and the less-forget term against values computed by hand,
-what it achieves on digits, mixed precision, and exact resume."""
+the exemplars in the task's training set, the frozen old rows, the ResNets' embedding before the last ReLU,
+the class-balanced finetuning stage, what it achieves on digits, mixed precision, and exact resume."""
 
 from __future__ import annotations
 
@@ -7,16 +8,19 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import assert_resumes_exactly, run_experiment
 from omegaconf import OmegaConf
 from torch import nn
 
-from incr_cli.data.batches import Preprocess
-from incr_cli.data.stream import Stream
+from incr_cli.data.batches import Batch, Preprocess
+from incr_cli.data.stream import Stream, Task
+from incr_cli.engine import Hardware, Optimization
 from incr_cli.memory import Memory
 from incr_cli.models.head import IncrementalNet
+from incr_cli.models.resnet import ResNet18, ResNet32
 from incr_cli.strategies.base import Context
-from incr_cli.strategies.cosine import embedding_distillation
+from incr_cli.strategies.cosine import embed, embedding_distillation
 from incr_cli.strategies.lucir import LUCIR, margin_ranking_loss
 
 
@@ -27,6 +31,113 @@ class Identity(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.flatten(1)
+
+
+TWO_PIXELS = {"input_shape": [2, 1, 1], "normalize": False, "mean": [0.0], "std": [1.0],
+              "augment": {"crop_padding": 0, "horizontal_flip": False, "rotation_degrees": 0.0}}  # fmt: skip
+
+
+def two_tasks_of_two_pixels() -> Stream:
+    """Classes 0 and 1 (task 1) and class 2 (task 2), four 1x1x2 images each, pixel values up to 10."""
+    x = torch.tensor([[9, 1], [8, 2], [9, 3], [7, 1], [1, 9], [2, 8], [3, 9], [1, 7],
+                      [6, 6], [5, 7], [7, 5], [6, 5]], dtype=torch.uint8).view(12, 2, 1, 1)  # fmt: skip
+    y = torch.arange(3).repeat_interleave(4)
+    empty = torch.zeros(0, dtype=torch.long)
+    tasks = [Task(0, [0, 1], torch.arange(8), empty, empty), Task(1, [2], torch.arange(8, 12), empty, empty)]
+    return Stream(x, y, x[:0], empty, tasks, [0, 1, 2], ["0", "1", "2"], max_value=10)
+
+
+def lucir_after_first_task(**options) -> LUCIR:
+    """LUCIR on the identity backbone over `two_tasks_of_two_pixels`, its first task ended (a herding memory
+    of 4 filled) and its second begun."""
+    stream = two_tasks_of_two_pixels()
+    model = IncrementalNet(Identity(), 3)
+    lucir = LUCIR(Memory(size=4, selection="herding"), **options)
+    lucir.setup(Context(model, stream, Preprocess(OmegaConf.create(TWO_PIXELS), 10, torch.device("cpu")),
+                        torch.Generator().manual_seed(0), torch.device("cpu"), torch.optim.SGD, batch_size=4,
+                        epochs=1, seed=0))  # fmt: skip
+    for task in stream.tasks:
+        model.head.grow(task.classes[-1] + 1)
+        lucir.before_task(task)
+        if task.id == 0:
+            lucir.after_task(task)
+    return lucir
+
+
+def sgd_step(strategy, optimizer: torch.optim.Optimizer, batch: Batch) -> None:
+    """One engine training step, full precision on the CPU."""
+    optimization = Optimization(optimizer, torch.amp.GradScaler("cpu", enabled=False),
+                                Hardware(torch.device("cpu"), None), "stop", lambda: "here")  # fmt: skip
+    strategy.training_step(batch, optimization)
+
+
+def test_exemplars_join_the_task_training_set():
+    # The authors' code, PyCIL and Mammoth concatenate the exemplars with the task's data: with 4 exemplars
+    # and 4 new samples, the task's rows are the 4 new ones and the memory's 4 (stream rows of classes 0
+    # and 1), each once per epoch; a batch is not joined by more exemplars.
+    lucir = lucir_after_first_task()
+    task = lucir.stream.tasks[1]
+    rows = lucir.training_indices(task)
+    assert torch.equal(rows[:4], task.train_index)
+    exemplar_rows = rows[4:]
+    assert len(exemplar_rows) == 4
+    assert torch.equal(lucir.stream.train_y[exemplar_rows], lucir.memory.y)
+    assert torch.equal(lucir.stream.train_x[exemplar_rows], lucir.memory.x)
+    assert sorted(lucir.memory.y.tolist()) == [0, 0, 1, 1]
+    batch = Batch(lucir.stream.train_x[rows], lucir.stream.train_y[rows])
+    assert lucir.with_replay(batch) is batch
+    # exemplars=joined_batch: the task's own rows, each batch joined by as many exemplars
+    joined = lucir_after_first_task(exemplars="joined_batch")
+    assert torch.equal(joined.training_indices(task), task.train_index)
+    assert len(joined.with_replay(Batch(batch.x[:3], batch.y[:3]))) == 6
+
+
+def test_old_classes_rows_stay_frozen_while_new_rows_train():
+    # The authors' code trains the old classes' rows (their fc1) at learning rate 0 and weight decay 0 from
+    # the second task on; with momentum and weight decay, two steps move every trainable row.
+    lucir = lucir_after_first_task()
+    head, stream = lucir.model.head, lucir.stream
+    before = head.weight.detach().clone()
+    optimizer = torch.optim.SGD(lucir.model.parameters(), lr=0.5, momentum=0.9, weight_decay=0.1)
+    rows = lucir.training_indices(stream.tasks[1])
+    batch = Batch(stream.train_x[rows], stream.train_y[rows])
+    for _ in range(2):
+        sgd_step(lucir, optimizer, batch)
+    assert torch.equal(head.weight[:2], before[:2])
+    assert not torch.allclose(head.weight[2], before[2])
+    # freeze_old=false: the old rows train too
+    free = lucir_after_first_task(freeze_old=False)
+    before = free.model.head.weight.detach().clone()
+    optimizer = torch.optim.SGD(free.model.parameters(), lr=0.5, momentum=0.9, weight_decay=0.1)
+    sgd_step(free, optimizer, batch)
+    assert not torch.allclose(free.model.head.weight[:2], before[:2])
+
+
+def block_by_hand(block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A basic block's residual sum and its ReLU, from its layers."""
+    total = block.bn2(block.conv2(F.relu(block.bn1(block.conv1(x))))) + block.shortcut(x)
+    return total, F.relu(total)
+
+
+@pytest.mark.parametrize("resnet", [ResNet32, ResNet18])
+def test_resnet_embedding_is_taken_before_the_last_relu(resnet):
+    # LUCIR's modified ResNet drops the last block's ReLU (PODNet's code takes its `raw_features`): the
+    # embedding is the average-pooled residual sum, which has negative entries; `forward` is unchanged.
+    torch.manual_seed(0)
+    backbone = resnet((3, 8, 8), width=4).eval()
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        h = backbone.stem(x)
+        for block in backbone.stages[:-1]:
+            h = block_by_hand(block, h)[1]
+        total, activated = block_by_hand(backbone.stages[-1], h)
+        before = embed(backbone, x)[1]
+        after = backbone(x)
+    torch.testing.assert_close(before, total.mean((2, 3)))
+    assert (before < 0).any()
+    torch.testing.assert_close(after, activated.mean((2, 3)))
+    assert (after >= 0).all()
+    assert backbone.stages[-1].activate  # the ReLU is back for the next forward pass
 
 
 def lucir_on_two_pixels(sigma: float, total_classes: int = 3) -> LUCIR:
@@ -116,6 +227,37 @@ def test_lucir_trains_under_mixed_precision(tmp_path):
     )
     assert metrics["run"]["status"] == "finished"
     assert min(row[i] for i, row in enumerate(metrics["class_il"]["accuracy_matrix"])) > 0.5
+
+
+def test_class_balanced_finetuning_trains_the_rows_on_the_balanced_memory(tmp_path, monkeypatch):
+    # digits, 2 tasks of 5 classes, memory 50: after the second task (not the first) one finetuning epoch
+    # runs over the memory alone, 5 exemplars of each of the 10 classes, and changes only the classifier's
+    # rows (old ones included), not the backbone nor sigma (the authors' ft_flag 2).
+    seen, calls = [], []
+    loss, finetuning = LUCIR.loss, LUCIR.balanced_finetuning
+
+    def recording_loss(self, batch):
+        if calls and calls[-1]["running"]:
+            seen.append(batch.y.clone())
+        return loss(self, batch)
+
+    def recording_finetuning(self):
+        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        calls.append({"running": True, "task": self.model.head.n_classes})
+        finetuning(self)
+        calls[-1].update(running=False, before=state, after=self.model.state_dict())
+
+    monkeypatch.setattr(LUCIR, "loss", recording_loss)
+    monkeypatch.setattr(LUCIR, "balanced_finetuning", recording_finetuning)
+    run_experiment(tmp_path, ["strategy=lucir", "strategy.memory.size=50", "strategy.finetune_epochs=1",
+                              "dataset.n_tasks=2", "epochs=1", "hardware=cpu"])  # fmt: skip
+    assert [call["task"] for call in calls] == [10]
+    labels = torch.cat(seen)
+    assert torch.equal(torch.bincount(labels, minlength=10), torch.full((10,), 5))
+    before, after = calls[0]["before"], calls[0]["after"]
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"head.weight"}
+    assert not torch.equal(before["head.weight"][:5], after["head.weight"][:5])
 
 
 def test_lucir_resumes_exactly_after_sigterm(tmp_path):

@@ -20,6 +20,7 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.stride, self.extra_channels = stride, planes - in_planes
         self.zero_pad_shortcut = zero_pad_shortcut
+        self.activate = True  # False: the block returns its residual sum without the ReLU
         self.projection = None
         if not zero_pad_shortcut and (stride != 1 or in_planes != planes):
             self.projection = nn.Sequential(
@@ -36,7 +37,8 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+        out = self.bn2(self.conv2(out)) + self.shortcut(x)
+        return F.relu(out) if self.activate else out
 
 
 class _CifarResNet(nn.Module):
@@ -61,6 +63,17 @@ class _CifarResNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.flatten(F.adaptive_avg_pool2d(self.stages(self.stem(x)), 1), 1)
+
+    def embedding_before_activation(self, x: Tensor) -> Tensor:
+        """The embedding as a cosine classifier takes it (LUCIR's and PODNet's code drop the network's last
+        ReLU): the average-pooled residual sum of the last block, before its ReLU. One forward pass with
+        that ReLU left out, so forward hooks fire as in `forward` (the last block's output is the sum)."""
+        last = self.stages[-1]
+        last.activate = False
+        try:
+            return self(x)
+        finally:
+            last.activate = True
 
 
 class ResNet18(_CifarResNet):

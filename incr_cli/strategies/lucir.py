@@ -4,10 +4,11 @@ loss that separates old classes from the new ones."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from incr_cli.data.batches import Batch
 from incr_cli.data.stream import Task
@@ -50,7 +51,7 @@ class LUCIR(EmbeddingDistillation):
     Cosine normalisation: p(c | x) = softmax_c(sigma * <w_c / |w_c|, f(x) / |f(x)|>), with w_c the rows of
     the model's growing head (its bias is unused), f(x) the backbone's embedding taken before its final
     ReLU (as in the authors' code) and sigma a learned scale (the paper's eta) registered on the head.
-    From the second task on, each step minimises, over the training batch joined by a batch of exemplars,
+    From the second task on, each step minimises, over a batch of the task's data and exemplars,
 
         L = CE(sigma * cos, y)
             + lambda * (1 - <f*(x) / |f*(x)|, f(x) / |f(x)|>)                       (less-forget constraint)
@@ -64,9 +65,18 @@ class LUCIR(EmbeddingDistillation):
     starts as the normalised mean of its training samples' normalised embeddings (weight imprinting),
     scaled to the old rows' mean norm.
 
+    Training follows `EmbeddingDistillation`: the exemplars join the task's training set, the old classes'
+    rows stay frozen from the second task on (the authors' code trains them at learning rate 0 while the
+    less-forget term is on), and an optional class-balanced finetuning on the memory ends each task but the
+    first. That finetuning is off by default, as in the authors' code (its `cb_finetune` flag; PyCIL's
+    port has none); turned on, its defaults are the authors': 20 epochs at learning rate 0.01, divided by
+    10 after epoch 10, the classifier rows alone (old and new; sigma and the backbone fixed, BatchNorm in
+    eval mode: their `ft_flag` 2), the full loss (Mammoth's LUCIR runs the same stage after every task).
+
     Defaults, the paper's for CIFAR-100: lambda_base 5 (10 on ImageNet), K = 2, m = 0.5, ranking weight 1,
-    sigma starting at 1 (the authors' code); exemplars chosen by herding. Left out: the class-balanced
-    finetuning that the paper adds as an option after each task."""
+    sigma starting at 1 (the authors' code); exemplars chosen by herding."""
+
+    finetune_freezes_batchnorm = True  # the authors' fix_bn in their class-balanced finetuning
 
     def __init__(
         self,
@@ -77,7 +87,14 @@ class LUCIR(EmbeddingDistillation):
         ranking_weight: float = 1.0,
         sigma: float = 1.0,
         imprint: bool = True,
+        exemplars: str = "training_set",
         replay_batch_size: int | None = None,
+        freeze_old: bool = True,
+        finetune_epochs: int = 0,
+        finetune_lr: float = 0.01,
+        finetune_params: str = "classifier",
+        finetune_schedule: str = "step",
+        finetune_milestones: Sequence[int] = (10,),
     ):
         if lambda_base < 0 or ranking_weight < 0 or margin < 0:
             raise ValueError(f"LUCIR needs lambda_base, ranking_weight and margin >= 0, got {lambda_base=}, "
@@ -86,7 +103,8 @@ class LUCIR(EmbeddingDistillation):
             raise ValueError(
                 f"LUCIR needs hard_negatives >= 1 and sigma > 0, got {hard_negatives=}, {sigma=}"
             )
-        super().__init__(memory, replay_batch_size)
+        super().__init__(memory, exemplars, replay_batch_size, freeze_old, finetune_epochs, finetune_lr,
+                         finetune_params, finetune_schedule, finetune_milestones)  # fmt: skip
         self.lambda_base, self.ranking_weight = float(lambda_base), float(ranking_weight)
         self.hard_negatives, self.margin = int(hard_negatives), float(margin)
         self.initial_sigma, self.imprint = float(sigma), bool(imprint)
@@ -110,8 +128,10 @@ class LUCIR(EmbeddingDistillation):
                 rows = imprinted_weights(self.features(x), y, task.classes) * norm
                 weight[task.classes[0] : task.classes[-1] + 1] = rows.to(weight.dtype)
 
+    def classifier_rows(self, model: nn.Module) -> tuple[nn.Parameter, int]:
+        return model.head.weight, 1
+
     def loss(self, batch: Batch) -> Tensor:
-        batch = self.with_replay(batch)
         x = self.context.preprocess(batch.x, self.rng)
         features = embed(self.model.backbone, x)[1]
         cosines = cosine_similarity(features, self.model.head.weight)

@@ -4,7 +4,7 @@ similarity classifier of several proxies per class trained by an NCA loss."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,9 +17,6 @@ from incr_cli.models.convnet import CifarCNN, ConvNet
 from incr_cli.models.mlp import MLP
 from incr_cli.models.resnet import ResNet18, ResNet32
 from incr_cli.strategies.cosine import EmbeddingDistillation, cosine_similarity, embed, embedding_distillation
-
-if TYPE_CHECKING:
-    from incr_cli.engine import Optimization
 
 
 def stage_modules(backbone: nn.Module) -> list[nn.Module]:
@@ -45,11 +42,20 @@ def pooled(h: Tensor) -> Tensor:
     return F.normalize(h.flatten(1), dim=1)
 
 
-def pod_spatial(stages: list[Tensor], old_stages: list[Tensor]) -> Tensor:
-    """(1 / L) sum_l of the batch mean of || pooled(h_l) - pooled(h*_l) ||^2 over the L stages."""
-    distances = [
-        (pooled(h) - pooled(old)).pow(2).sum(1).mean() for h, old in zip(stages, old_stages, strict=True)
-    ]
+POD_DISTANCES = ("norm", "squared")
+
+
+def pod_spatial(stages: list[Tensor], old_stages: list[Tensor], distance: str = "norm") -> Tensor:
+    """(1 / L) sum_l of the batch mean of || pooled(h_l) - pooled(h*_l) || over the L stages (the authors' code
+    and PyCIL); `distance="squared"`: of its square."""
+    if distance not in POD_DISTANCES:
+        raise ValueError(f"pod_distance must be one of {', '.join(POD_DISTANCES)}, got {distance!r}")
+    distances = []
+    for h, old in zip(stages, old_stages, strict=True):
+        squared = (pooled(h) - pooled(old)).pow(2).sum(1)
+        # the norm's gradient where the two agree exactly: 0 (the clamp), not 0 / 0
+        per_sample = squared if distance == "squared" else squared.clamp(min=1e-24).sqrt()
+        distances.append(per_sample.mean())
     return torch.stack(distances).mean()
 
 
@@ -96,33 +102,38 @@ class PODNet(EmbeddingDistillation):
 
         L_LSC = [-log(exp(eta (s_y - delta)) / sum_{c != y} exp(eta s_c))]_+
 
-    with eta a learned scale (registered on the head). From the second task on, over the training batch
-    joined by a batch of exemplars, the loss adds
+    with eta a learned scale (registered on the head). From the second task on, over a batch of the task's
+    data and exemplars, the loss adds
 
         sqrt(N / T) * (lambda_c * L_POD-spatial + lambda_f * L_POD-flat)
 
-    with N the classes seen so far and T the task's new classes. L_POD-spatial = (1/L) sum_l of
-    || P(h_l) - P(h*_l) ||^2 over the L stage outputs h_l of the current network and h*_l of the frozen
-    previous one, P concatenating the width-pooled and the height-pooled maps: the paper's POD-width plus
-    POD-height, sums of squared differences, on the squared activations and L2-normalised as in the authors'
-    code (which makes the term blind to the activations' scale). That code then takes the distance
-    unsquared, which is not smooth where the two networks agree: its gradient keeps full size however small
-    the difference, and at the start of a task on digits with the ConvNet (2 tasks, 2 epochs) it threw the
-    network off within a few steps (final class-IL accuracy 0.10, against 0.78 squared). L_POD-flat =
-    1 - cos(h, h*), as the authors' code computes it. Stages: the last block of every ResNet stage, every
-    pooling of a ConvNet, every hidden layer of an MLP but the last (a vector: nothing to pool, P(h) = h^2,
-    normalised).
+    with N the classes seen so far and T the task's new classes. L_POD-spatial = (1/L) sum_l of the batch mean
+    of || P(h_l) - P(h*_l) || over the L stage outputs h_l of the current network and h*_l of the frozen
+    previous one, P concatenating the width-pooled and the height-pooled maps (the paper's POD-width plus
+    POD-height) of the squared activations, L2-normalised, as in the authors' code and PyCIL (which makes
+    the term blind to the activations' scale). `pod_distance: squared` takes the squared distance instead,
+    smooth where the two networks agree (the unsquared distance keeps a gradient of full size however small
+    the difference). L_POD-flat = 1 - cos(h, h*), as the authors' code computes it. Stages: the last block
+    of every ResNet stage (the last one before its ReLU, as the embedding), every pooling of a ConvNet,
+    every hidden layer of an MLP but the last (a vector: nothing to pool, P(h) = h^2, normalised).
 
     New classes' proxies start as k-means centroids of the normalised embeddings of their training samples,
     scaled to the old proxies' mean norm (the authors' code's imprinting). One addition: eta never falls
     below its initial value (projected after each step). With the hinge, a two-class task's loss is
-    eta * (s_neg - s_y + delta), smallest at eta <= 0 while the classes are not yet delta apart: left
-    free, eta went to -5 on digits (memory 50, seed 0) and inverted every score (final accuracy 0.00).
+    eta * (s_neg - s_y + delta), smallest at eta <= 0 while the classes are not yet delta apart: left free,
+    eta can turn negative and invert every score.
+
+    Training follows `EmbeddingDistillation`: the exemplars join the task's training set, the old classes'
+    proxies stay frozen from the second task on (the authors' `groupwise_factors: old_weights: 0`, PyCIL's
+    learning rate 0), and a class-balanced finetuning ends each task but the first, with the defaults of the
+    authors' CIFAR-100 options (`finetuning_config`): 20 epochs on the memory at a constant learning rate
+    0.05, the proxies alone (old and new; eta and the backbone fixed, BatchNorm in training mode as there).
+    PyCIL's port trains the network but the old proxies instead, at 0.005 annealed by a cosine
+    (`finetune_params: network`, `finetune_lr: 0.005`, `finetune_schedule: cosine`).
 
     Defaults, the paper's for CIFAR-100: lambda_c = 3, lambda_f = 1, K = 10, delta = 0.6, eta starting at 1
-    (the authors' code); herding exemplars. Left out, all from the authors' code: the class-balanced
-    finetuning of the classifier after each task, the freezing of the old classes' proxies, and the
-    clamping of every gradient element to [-5, 5] (no effect on digits)."""
+    (the authors' code); herding exemplars. Left out: the authors' clamping of every gradient element to
+    [-5, 5]."""
 
     def __init__(
         self,
@@ -133,7 +144,15 @@ class PODNet(EmbeddingDistillation):
         margin: float = 0.6,
         scale: float = 1.0,
         imprint: bool = True,
+        pod_distance: str = "norm",
+        exemplars: str = "training_set",
         replay_batch_size: int | None = None,
+        freeze_old: bool = True,
+        finetune_epochs: int = 20,
+        finetune_lr: float = 0.05,
+        finetune_params: str = "classifier",
+        finetune_schedule: str = "constant",
+        finetune_milestones: Sequence[int] = (),
     ):
         if lambda_spatial < 0 or lambda_flat < 0 or margin < 0:
             raise ValueError(f"PODNet needs lambda_spatial, lambda_flat and margin >= 0, got {lambda_spatial=}, "
@@ -142,7 +161,11 @@ class PODNet(EmbeddingDistillation):
             raise ValueError(
                 f"PODNet needs proxies_per_class >= 1 and scale > 0, got {proxies_per_class=}, {scale=}"
             )
-        super().__init__(memory, replay_batch_size)
+        if pod_distance not in POD_DISTANCES:
+            raise ValueError(f"pod_distance must be one of {', '.join(POD_DISTANCES)}, got {pod_distance!r}")
+        super().__init__(memory, exemplars, replay_batch_size, freeze_old, finetune_epochs, finetune_lr,
+                         finetune_params, finetune_schedule, finetune_milestones)  # fmt: skip
+        self.pod_distance = pod_distance
         self.lambda_spatial, self.lambda_flat = float(lambda_spatial), float(lambda_flat)
         self.per_class, self.margin = int(proxies_per_class), float(margin)
         self.initial_scale, self.imprint = float(scale), bool(imprint)
@@ -177,8 +200,10 @@ class PODNet(EmbeddingDistillation):
             features, self.model.head.proxies[: n_classes * self.per_class], self.per_class
         )
 
+    def classifier_rows(self, model: nn.Module) -> tuple[nn.Parameter, int]:
+        return model.head.proxies, self.per_class
+
     def loss(self, batch: Batch) -> Tensor:
-        batch = self.with_replay(batch)
         x = self.context.preprocess(batch.x, self.rng)
         stages, features = embed(self.model.backbone, x, stage_modules(self.model.backbone))
         seen = self.model.head.n_classes
@@ -191,17 +216,15 @@ class PODNet(EmbeddingDistillation):
             )
         distillation = self.lambda_flat * embedding_distillation(features, old_features)
         if self.lambda_spatial and stages:
-            distillation = distillation + self.lambda_spatial * pod_spatial(stages, old_stages)
+            distillation = distillation + self.lambda_spatial * pod_spatial(
+                stages, old_stages, self.pod_distance
+            )
         return loss + math.sqrt(seen / (seen - self.old_classes)) * distillation
 
-    def training_step(self, batch: Batch, optimization: Optimization) -> Tensor:
-        with optimization.autocast():
-            loss = self.loss(batch)
-        if optimization.backward(loss):
-            optimization.step()
-            with torch.no_grad():
-                self.model.head.scale.clamp_(min=self.initial_scale)
-        return loss.detach()
+    @torch.no_grad()
+    def after_step(self, freeze_old: bool) -> None:
+        super().after_step(freeze_old)
+        self.model.head.scale.clamp_(min=self.initial_scale)
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
