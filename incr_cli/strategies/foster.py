@@ -14,6 +14,7 @@ from incr_cli.memory import Memory
 from incr_cli.models.expandable import ExpandableBackbone
 from incr_cli.models.head import IncrementalClassifier
 from incr_cli.strategies.der_expandable import GrowingNetwork
+from incr_cli.strategies.wa import align_weights
 
 
 def class_balanced_weights(counts: Tensor, beta: float) -> Tensor:
@@ -44,9 +45,17 @@ def distillation(
     return F.kl_div(log_p, q, reduction="batchmean")
 
 
+def foster_weight_align(weight: Tensor, n_old: int, value: float) -> None:
+    """PyCIL's FOSTERNet.weight_align: WA's gamma (`align_weights`) times value^(n_old / n_new) on the new rows."""
+    align_weights(weight, n_old)
+    if value != 1.0:
+        with torch.no_grad():
+            weight[n_old:] *= value ** (n_old / (len(weight) - n_old))
+
+
 class FeatureBoostingAndCompression(GrowingNetwork):
     """FOSTER (Wang, Zhou, Ye and Zhan 2022, "FOSTER: Feature Boosting and Compression for Class-Incremental
-    Learning", ECCV 2022), as PyCIL implements it (its default `oofc: ft`, no weight aligning).
+    Learning", ECCV 2022), as PyCIL and the authors' code implement it (`oofc: ft`).
 
     The first task trains one extractor F_old with CE. At every later task:
 
@@ -64,29 +73,42 @@ class FeatureBoostingAndCompression(GrowingNetwork):
     2. Compression (`compression_epochs`, in `after_task`). A student of one extractor, initialised from
        F_old and the previous head (the new classes' rows fresh), learns from the boosted model (eval mode)
        on the same data by balanced distillation, KL(q_w2 || softmax(student / T)) with q the teacher's
-       softmax(S / T) re-weighted by the beta2 weights and renormalised. The student then replaces the
-       model, which is thus one extractor again after every task (metrics.json's per-task `parameters`
-       grow only by the head's rows).
+       softmax(S / T) re-weighted by the beta2 weights and renormalised. As PyCIL, its own optimizer: SGD,
+       lr `compression_lr`, momentum 0.9, no weight decay, cosine decay to 0 over the compression epochs.
+       Its steps run through the engine's step runner (mixed precision, non-finite guard).
 
-    After each task the memory takes the task's samples by herding on the student's features.
+    `evaluated_model`: which model the task ends with. `teacher` (default; PyCIL and the authors' code):
+    the boosted two-extractor model is evaluated and chooses the exemplars (herding on its features); the
+    student replaces it when the next task begins, so the old model of the next boosting is the student.
+    `student` (the compressed single-extractor model, which the paper's method yields and whose accuracy
+    its authors name the single-backbone result): the student replaces the model at once, is evaluated
+    and chooses the exemplars. Either way each task trains from the student.
 
-    Defaults (PyCIL's `exps/foster.json`): beta1 = 0.96, beta2 = 0.97, T = 2, lambda_kd (`lambda_okd`) = 1;
-    PyCIL boosts for 170 and compresses for 130 epochs; here compression runs `compression_epochs` (null:
-    the run's `epochs`) with the run's optimizer and batch size. Memory 200 by herding (PyCIL: 2,000 on
-    CIFAR-100, 20 per class). The compression runs in full precision (as GDumb's training in `after_task`,
-    it gets no `Optimization`) and without the run's scheduler. Left out: weight aligning of teacher or
-    student (PyCIL's `is_teacher_wa` / `is_student_wa`, off by default) and the `oofc: az` variant."""
+    Defaults (PyCIL's `exps/foster.json`): beta1 = 0.96, beta2 = 0.97, T = 2, lambda_kd (`lambda_okd`) = 1,
+    compression lr 0.1 (PyCIL's `lr`), no weight aligning of teacher or student (`is_teacher_wa`,
+    `is_student_wa`: false; with them, the new rows scaled by PyCIL's gamma * wa_value^(n_old / n_new)).
+    PyCIL boosts for 170 and compresses for 130 epochs; `compression_epochs` null runs the run's `epochs`.
+    `beta1` may be a list, one value per task after the first (the authors' CIFAR-100 B0 configs). Memory
+    200 by herding (PyCIL: 2,000 on CIFAR-100). Left out: the `oofc: az` variant."""
 
     def __init__(
         self,
         memory: Memory,
-        beta1: float = 0.96,
+        beta1: float | list[float] = 0.96,
         beta2: float = 0.97,
         temperature: float = 2.0,
         kd_weight: float = 1.0,
         compression_epochs: int | None = None,
+        compression_lr: float = 0.1,
+        evaluated_model: str = "teacher",
+        teacher_weight_align: bool = False,
+        student_weight_align: bool = False,
+        wa_value: float = 1.0,
     ):
-        for name, beta in (("beta1", beta1), ("beta2", beta2)):
+        betas1 = [float(b) for b in beta1] if hasattr(beta1, "__len__") else [float(beta1)]
+        if not betas1:
+            raise ValueError("strategy.beta1 must be a number or a non-empty list")
+        for name, beta in [*(("beta1", b) for b in betas1), ("beta2", beta2)]:
             if not 0 < beta < 1:
                 raise ValueError(f"strategy.{name}={beta} must be in (0, 1)")
         if temperature <= 0:
@@ -97,26 +119,49 @@ class FeatureBoostingAndCompression(GrowingNetwork):
             raise ValueError(
                 f"strategy.compression_epochs={compression_epochs} must be a positive integer or null"
             )
+        if compression_lr <= 0:
+            raise ValueError(f"strategy.compression_lr={compression_lr} must be positive")
+        if evaluated_model not in ("teacher", "student"):
+            raise ValueError(f"strategy.evaluated_model={evaluated_model!r} must be teacher or student")
+        if wa_value <= 0:
+            raise ValueError(f"strategy.wa_value={wa_value} must be positive")
         super().__init__(memory)
-        self.beta1, self.beta2 = float(beta1), float(beta2)
+        self.betas1, self.beta2 = betas1, float(beta2)
         self.temperature, self.kd_weight = float(temperature), float(kd_weight)
         self.compression_epochs = compression_epochs
+        self.compression_lr = float(compression_lr)
+        self.evaluated_model = evaluated_model
+        self.teacher_weight_align, self.student_weight_align = (
+            bool(teacher_weight_align),
+            bool(student_weight_align),
+        )
+        self.wa_value = float(wa_value)
         self.old_head: IncrementalClassifier | None = None
         self.boosting_weights: Tensor | None = None
         self.compression_weights: Tensor | None = None
+        self.student: torch.nn.ModuleDict | None = None  # evaluated_model=teacher: the next task's model
 
     @property
     def old_classes(self) -> int:
         return 0 if self.old_head is None else self.old_head.n_classes
 
+    def beta1(self, task: Task) -> float:
+        """beta1 of task `task` (0-based id > 0): one value, or the task's entry of a list (the last repeats)."""
+        return self.betas1[min(task.id - 1, len(self.betas1) - 1)]
+
     def before_task(self, task: Task) -> None:
+        if self.student is not None:  # the previous task's student takes over from its teacher
+            seen = self.model.head.n_classes
+            self.model.backbone, self.model.head = self.student["backbone"], self.student["head"]
+            self.model.head.grow(seen)
+            self.student = None
         n_old = self.model.head.n_classes - len(task.classes)
         if n_old == 0:
             return
         counts = torch.bincount(
             self.stream.train_y[self.training_indices(task)], minlength=self.model.head.n_classes
         )
-        self.boosting_weights = class_balanced_weights(counts, self.beta1).to(self.context.device)
+        self.boosting_weights = class_balanced_weights(counts, self.beta1(task)).to(self.context.device)
         self.compression_weights = class_balanced_weights(counts, self.beta2).to(self.context.device)
         self.old_head = self._old_head(self.model.head, n_old)
         self.expand()
@@ -148,11 +193,21 @@ class FeatureBoostingAndCompression(GrowingNetwork):
 
     def after_task(self, task: Task) -> None:
         if self.old_head is not None:
-            self.compress(task)
+            if self.teacher_weight_align:
+                foster_weight_align(self.model.head.weight, self.old_classes, self.wa_value)
+            student = self.compress(task)
+            if self.student_weight_align:
+                foster_weight_align(student["head"].weight, self.old_classes, self.wa_value)
+            self.remove_auxiliary_head()
+            self.old_head = None
+            if self.evaluated_model == "student":
+                self.model.backbone, self.model.head = student["backbone"], student["head"]
+            else:
+                self.student = student
         self.remember(task)
 
-    def compress(self, task: Task) -> None:
-        """Distil the boosted two-extractor model into one extractor, which then replaces it."""
+    def compress(self, task: Task) -> torch.nn.ModuleDict:
+        """Distil the boosted two-extractor model into a student of one extractor, which is returned."""
         teacher = self.model
         student_backbone = ExpandableBackbone([copy.deepcopy(self.backbone.extractors[0])])
         student_head = copy.deepcopy(self.old_head)
@@ -160,31 +215,38 @@ class FeatureBoostingAndCompression(GrowingNetwork):
         student = torch.nn.ModuleDict({"backbone": student_backbone, "head": student_head})
         for parameter in student.parameters():
             parameter.requires_grad_(True)
-        optimizer = self.context.make_optimizer(student.parameters())
+        epochs = self.compression_epochs or self.context.epochs
+        optimizer = torch.optim.SGD(
+            student.parameters(), lr=self.compression_lr, momentum=0.9, weight_decay=0.0
+        )
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+        steps = self.stage_steps(
+            optimizer, lambda: f"task {task.id + 1}, compression epoch {scheduler.last_epoch + 1}"
+        )
         rows = self.training_indices(task)
         batch_size = self.context.batch_size
         was_training = teacher.training
         teacher.eval()
         student.train()
-        for _ in range(self.compression_epochs or self.context.epochs):
+        for _ in range(epochs):
             order = torch.randperm(len(rows), generator=self.rng, device=self.rng.device).to(rows.device)
             for first in range(0, len(order), batch_size):
                 batch_rows = rows[order[first : first + batch_size]]
                 x = self.context.preprocess(self.stream.train_x[batch_rows], self.rng)
-                with torch.no_grad():
-                    teacher_logits = teacher(x)
-                student_logits = student_head(student_backbone(x))
-                loss = distillation(
-                    student_logits, teacher_logits, self.temperature, self.compression_weights
-                )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        self.remove_auxiliary_head()
-        self.model.backbone, self.model.head = student_backbone, student_head
-        self.model.train(was_training)
-        self.old_head = None
+                with steps.autocast():
+                    with torch.no_grad():
+                        teacher_logits = teacher(x)
+                    student_logits = student_head(student_backbone(x))
+                    loss = distillation(
+                        student_logits, teacher_logits, self.temperature, self.compression_weights
+                    )
+                if steps.backward(loss):
+                    steps.step()
+            scheduler.step()
+        steps.zero_grad()
+        teacher.train(was_training)
+        student.train(was_training)
+        return student
 
     def state_dict(self) -> dict:
         state = super().state_dict()
@@ -192,15 +254,35 @@ class FeatureBoostingAndCompression(GrowingNetwork):
             state["old_head"] = {k: v.detach().clone() for k, v in self.old_head.state_dict().items()}
             state["boosting_weights"] = self.boosting_weights
             state["compression_weights"] = self.compression_weights
+        if self.student is not None:
+            state["student"] = {k: v.detach().clone() for k, v in self.student.state_dict().items()}
         return state
+
+    @staticmethod
+    def _head_from_state(saved: dict, prefix: str = "") -> IncrementalClassifier:
+        future = saved[prefix + "future_weight"]
+        head = IncrementalClassifier(future.shape[1], len(saved[prefix + "future_bias"]))
+        head.load_state_dict({k[len(prefix) :]: v for k, v in saved.items() if k.startswith(prefix)})
+        return head
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
+        device = self.context.device
         self.old_head = None
         if "old_head" in state:
             saved = state["old_head"]
-            old_head = IncrementalClassifier(saved["future_weight"].shape[1], len(saved["future_bias"]))
-            old_head.load_state_dict(saved)
-            self.old_head = self._old_head(old_head.to(self.context.device), len(saved["bias"]))
+            self.old_head = self._old_head(self._head_from_state(saved).to(device), len(saved["bias"]))
             self.boosting_weights = state["boosting_weights"]
             self.compression_weights = state["compression_weights"]
+        self.student = None
+        if "student" in state:
+            saved = state["student"]
+            backbone = ExpandableBackbone([copy.deepcopy(self.backbone.extractors[0])])
+            for parameter in backbone.parameters():
+                parameter.requires_grad_(True)
+            backbone.load_state_dict(
+                {k[len("backbone.") :]: v for k, v in saved.items() if k.startswith("backbone.")}
+            )
+            head = self._head_from_state(saved, "head.")
+            self.student = torch.nn.ModuleDict({"backbone": backbone, "head": head}).to(device)
+            self.student.train(self.model.training)
