@@ -165,7 +165,7 @@ class DynamicallyExpandableRepresentation(GrowingNetwork):
 
     - `weight_align` (default; PyCIL's der.py): the new classes' rows of H_t scaled by
       gamma = mean ||W_old,i|| / mean ||W_new,j|| (WA's `align_weights`), each task's gamma in `gammas`;
-    - `classifier_relearn` (the paper's classifier learning stage, sec. 3.2, as the authors' code runs it):
+    - `classifier_relearn` (the paper's classifier learning stage, as the authors' code runs it):
       H_t drawn afresh and trained alone, the extractors frozen in eval mode, on a class-balanced subset of
       the task's data and the memory (every class cut at random to the smallest class's count, i.e. the
       exemplars per old class), by CE(H_t(u) / T, y), SGD with momentum 0.9, the training augmentation;
