@@ -1,0 +1,594 @@
+"""incr next to Avalanche 0.6: every method both implement, run side by side on Split Fashion-MNIST.
+
+Two protocols, both class-incremental (5 tasks of 2 classes in class order 0..9, one head over the classes seen so
+far), Fashion-MNIST 60,000/10,000 read from the IDX .gz files, ToTensor then Normalize(0.2860, 0.3530), SGD lr
+0.01 momentum 0.9 (a fresh optimizer per task in both tools), batch 128, evaluation batch 1,000 on the whole test
+stream after every task, CPU, 2 threads:
+- "Split Fashion-MNIST, MLP": MLP 784-400-400-10 (ReLU), 2 epochs per task, no augmentation
+  (incr: `experiment=split_fashion_mnist`);
+- "Split Fashion-MNIST, ConvNet": incr's `model=convnet` (conv 3x3 32, max-pool, conv 3x3 64, max-pool, FC 256,
+  head; built layer for layer for Avalanche below), random crop with 4 pixels of zero padding and a random
+  horizontal flip (incr's batched `random_crop` then `random_flip`, before normalisation; Avalanche: torchvision's
+  RandomCrop(28, padding=4) and RandomHorizontalFlip before ToTensor and Normalize), 5 epochs per task.
+
+METHODS below holds, for each method, incr's overrides and the Avalanche class with its constructor arguments, set
+for set (and the differences that no setting removes). Runs are interleaved, incr seed 0, Avalanche seed 0, incr
+seed 1, ..., each in a subprocess of its own, so that both tools pay the same start-up and see the machine in the
+same state: incr as `incr train ...` (its metrics.json), Avalanche as this script with `--worker`.
+
+Per run (a JSON file under --out, kept: a rerun with the same --out skips finished runs): the accuracy matrix, the
+final average accuracy, forgetting as Avalanche defines it (accuracy right after learning a task minus the final
+one, averaged over the tasks before the last), train seconds (inside each tool's training calls, memory updates
+included), run seconds (each tool's own timing of its run) and total seconds (the subprocess's wall time, measured
+here the same way for both). The table: method, incr and Avalanche final average accuracy (mean ± std over seeds),
+their difference in points, and the time ratio Avalanche total s / incr total s (above 1: incr is faster).
+
+Install Avalanche next to incr (it leaves torch as it is): `pip install -e '.[parity]'`. From the repository root:
+    python benchmarks/parity.py --protocol both --write --table docs/parity.md          # the full table
+    python benchmarks/parity.py --protocol mlp --methods finetune,replay --seeds 0 --epochs 1   # a smoke run
+Run it on a quiet machine: other processes on the cores ruin the timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+REPO = Path(__file__).resolve().parent.parent
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+MEAN, STD = 0.2860, 0.3530
+N_TASKS = 5
+BATCH_SIZE, EVAL_BATCH_SIZE, LR, MOMENTUM, THREADS = 128, 1000, 0.01, 0.9, 2
+CROP_PADDING = 4
+
+
+@dataclass
+class Protocol:
+    title: str
+    model: str  # mlp | convnet
+    epochs: int
+    augment: bool
+    incr: list[str]  # overrides on top of every incr run's
+
+
+PROTOCOLS = {
+    "mlp": Protocol("Split Fashion-MNIST, MLP", "mlp", 2, False, []),
+    "convnet": Protocol(
+        "Split Fashion-MNIST, ConvNet",
+        "convnet",
+        5,
+        True,
+        # the experiment's MLP widths do not belong to the ConvNet's config
+        [
+            "model=convnet",
+            "~model.hidden_sizes",
+            f"dataset.augment.crop_padding={CROP_PADDING}",
+            "dataset.augment.horizontal_flip=true",
+            "epochs=5",
+        ],  # fmt: skip
+    ),
+}
+INCR_COMMON = [
+    "experiment=split_fashion_mnist",
+    "hardware=cpu",
+    f"hardware.num_threads={THREADS}",
+    "progress=false",
+]
+
+
+@dataclass
+class Method:
+    """One method in both tools. `avalanche` names a class of avalanche.training.supervised, or
+    "Naive+<Plugin>" for a method Avalanche ships only as a plugin of avalanche.training.plugins."""
+
+    incr: str  # incr's strategy name (configs/strategy/<incr>.yaml)
+    overrides: list[str]
+    avalanche: str
+    kwargs: dict
+    head: str = (
+        "growing"  # Avalanche's head: growing (IncrementalClassifier, masked) | full (Linear over 10 classes)
+    )
+    notes: str = ""  # what still differs with these settings
+    optional: list[str] = field(default_factory=list)  # incr overrides dropped when the key does not exist
+
+
+MEMORY = 500
+METHODS = {
+    "finetune": Method("finetune", [], "Naive", {}),
+    "joint": Method(
+        "joint",
+        [],
+        "JointTraining",
+        {},
+        notes="Avalanche's JointTraining trains once on all five tasks' data (one accuracy row, forgetting 0); "
+        "incr's joint is cumulative: at task k all data of tasks 1..k, three times the samples. Compare the final "
+        "accuracy, not the time; the `cumulative` row is the like-for-like pair.",
+    ),  # fmt: skip
+    "cumulative": Method(
+        "joint", [], "Cumulative", {}, notes="incr's joint and Avalanche's Cumulative: the same work."
+    ),
+    "replay": Method(
+        "replay",
+        [f"strategy.memory.size={MEMORY}"],
+        "Replay",
+        {"mem_size": MEMORY},
+        notes="memory: incr reservoir over all samples seen; Avalanche an equal share per task (random within "
+        "a task). Both replay a batch as large as the training batch.",
+    ),  # fmt: skip
+    "ewc": Method(
+        # Avalanche's penalty is lambda * sum F (theta - theta*)^2, incr's (lambda / 2) * ...: incr's 2000 is
+        # Avalanche's 1000 (the protocol's value, in Avalanche's convention).
+        "ewc",
+        ["strategy.ewc_lambda=2000"],
+        "EWC",
+        {"ewc_lambda": 1000, "mode": "separate"},
+        optional=["strategy.fisher=batch"],
+        notes="incr fisher=batch: Avalanche's batch-mean Fisher (squared gradient of each mini-batch's mean loss).",
+    ),  # fmt: skip
+    "online_ewc": Method(
+        "online_ewc",
+        ["strategy.ewc_lambda=2000", "strategy.gamma=0.9"],
+        "EWC",
+        {"ewc_lambda": 1000, "mode": "online", "decay_factor": 0.9},
+        optional=["strategy.fisher=batch"],
+        notes="F <- 0.9 F + F_new in both; lambda as EWC's.",
+    ),  # fmt: skip
+    "si": Method(
+        # Avalanche's SI penalty carries lambda / 2, incr's c does not: si_lambda 2 is incr's c = 1.
+        "si",
+        ["strategy.c=1.0", "strategy.xi=0.001"],
+        "SynapticIntelligence",
+        {"si_lambda": 2.0, "eps": 0.001},
+    ),  # fmt: skip
+    "mas": Method(
+        "mas",
+        ["strategy.mas_lambda=1.0"],
+        "MAS",
+        {"lambda_reg": 1.0, "alpha": 0.5},
+        notes="importance across tasks: incr sums the tasks' Omega (the paper); Avalanche keeps "
+        "alpha * old + (1 - alpha) * new, alpha 0.5 (its default), which no incr setting reproduces.",
+    ),  # fmt: skip
+    "rwalk": Method(
+        "rwalk",
+        ["strategy.rwalk_lambda=10", "strategy.alpha=0.9", "strategy.update_every=10"],
+        "Naive+RWalkPlugin",
+        {"ewc_lambda": 10, "ewc_alpha": 0.9, "delta_t": 10},
+        notes="the score's damping: incr epsilon 1e-3 (the authors'); Avalanche float32's machine epsilon, fixed.",
+    ),  # fmt: skip
+    "lwf": Method(
+        "lwf", ["strategy.alpha=1", "strategy.temperature=2"], "LwF", {"alpha": 1.0, "temperature": 2.0}
+    ),
+    "icarl": Method(
+        "icarl",
+        [f"strategy.memory.size={MEMORY}", "strategy.memory.selection=herding"],
+        "ICaRL",
+        {"memory_size": MEMORY, "fixed_memory": True},
+        head="full",
+        notes="Avalanche's iCaRL needs a fixed classifier over all 10 classes (its sigmoid targets span them); "
+        "incr's head grows with the classes.",
+    ),  # fmt: skip
+    "gem": Method(
+        "gem",
+        ["strategy.patterns_per_task=100", "strategy.memory_strength=0.5"],
+        "GEM",
+        {"patterns_per_exp": 100, "memory_strength": 0.5},
+    ),  # fmt: skip
+    "agem": Method(
+        "agem",
+        ["strategy.patterns_per_task=100", "strategy.sample_size=256"],
+        "AGEM",
+        {"patterns_per_exp": 100, "sample_size": 256},
+    ),  # fmt: skip
+    "der": Method(
+        "der",
+        [f"strategy.memory.size={MEMORY}", "strategy.alpha=0.3", "strategy.beta=0", "strategy.head=full"],
+        "DER",
+        {"mem_size": MEMORY, "alpha": 0.3, "beta": 0.0, "batch_size_mem": BATCH_SIZE},
+        head="full",
+        notes="memory: incr reservoir, offered every batch (the paper); Avalanche class-balanced, filled and its "
+        "logits recorded at each task's end.",
+    ),  # fmt: skip
+    "derpp": Method(
+        "derpp",
+        [f"strategy.memory.size={MEMORY}", "strategy.alpha=0.1", "strategy.beta=0.5", "strategy.head=full"],
+        "DER",
+        {"mem_size": MEMORY, "alpha": 0.1, "beta": 0.5, "batch_size_mem": BATCH_SIZE},
+        head="full",
+        notes="as der; and Avalanche's MSE and CE terms share one memory batch, incr draws two (the paper).",
+    ),  # fmt: skip
+    "gdumb": Method("gdumb", [f"strategy.memory.size={MEMORY}"], "GDumb", {"mem_size": MEMORY}),
+    "bic": Method(
+        "bic",
+        [
+            f"strategy.memory.size={MEMORY}",
+            "strategy.val_fraction=0.1",
+            "strategy.temperature=2",
+            "strategy.bias_epochs=200",
+        ],
+        "BiC",
+        {"mem_size": MEMORY, "val_percentage": 0.1, "T": 2, "stage_2_epochs": 200, "lamb": -1, "lr": 0.1},
+        notes="bias layer: incr fits it with Adam at bias_lr 0.01 on held-out exemplars; Avalanche with SGD at 0.1 "
+        "on a held-out share of each task's data. Exemplars: incr herding, Avalanche random per class.",
+    ),  # fmt: skip
+    "er_ace": Method(
+        "er_ace",
+        [f"strategy.memory.size={MEMORY}", "strategy.memory.selection=class_balanced"],
+        "ER_ACE",
+        {"mem_size": MEMORY, "batch_size_mem": BATCH_SIZE},
+        notes="memory: Avalanche's class-balanced buffer is refreshed at each task's start (the new task's "
+        "samples included); incr's fills batch by batch.",
+    ),  # fmt: skip
+}
+# Left out: mer (incr: s x k Reptile steps per batch, Riemer et al.'s Algorithm 1; Avalanche's MER has other knobs,
+# n_inner_steps and one gamma/beta pair, so no setting-for-setting match) and the methods Avalanche lacks (xder,
+# lucir, podnet, wa, der_expandable, foster, importance_replay).
+
+
+# ----------------------------------------------------------------------------------------------- Avalanche side
+def convnet_features() -> nn.Module:
+    """incr's ConvNet (incr_cli/models/convnet.py) without its head, layer for layer."""
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64 * 7 * 7, 256), nn.ReLU(inplace=True),
+    )  # fmt: skip
+
+
+def mlp_features() -> nn.Module:
+    """incr's MLP backbone for the protocol: 784-400-400, ReLU."""
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 400), nn.ReLU(inplace=True), nn.Linear(400, 400), nn.ReLU(inplace=True)
+    )
+
+
+class Net(nn.Module):
+    def __init__(self, features: nn.Module, classifier: nn.Module):
+        super().__init__()
+        self.features, self.classifier = features, classifier
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+def avalanche_run(
+    method_name: str, protocol_name: str, seed: int, epochs: int, data: Path, limit: int | None
+) -> dict:
+    """One Avalanche run in this process; returns the accuracy matrix and the timings."""
+    import numpy as np
+    from avalanche.benchmarks import nc_benchmark
+    from avalanche.evaluation.metrics import accuracy_metrics
+    from avalanche.models import IncrementalClassifier
+    from avalanche.training import plugins as avalanche_plugins
+    from avalanche.training import supervised
+    from avalanche.training.determinism.rng_manager import RNGManager
+    from avalanche.training.plugins import EvaluationPlugin, SupervisedPlugin
+    from PIL import Image
+    from torchvision import transforms
+
+    from incr_cli.data.sources import read_idx
+
+    method, protocol = METHODS[method_name], PROTOCOLS[protocol_name]
+    torch.set_num_threads(THREADS)
+    RNGManager.set_random_seeds(seed)
+
+    class Images(torch.utils.data.Dataset):
+        """torchvision's FashionMNIST item contract (a PIL image and an int label), from the IDX files."""
+
+        def __init__(self, split: str):
+            self.data = read_idx(data / f"{split}-images-idx3-ubyte.gz")
+            self.targets = torch.from_numpy(read_idx(data / f"{split}-labels-idx1-ubyte.gz").astype(np.int64))
+            if limit:  # --limit: every k-th sample, all classes kept (a check that the strategy runs)
+                n = limit if split == "train" else max(limit // 6, 10)
+                self.data, self.targets = (
+                    self.data[:: len(self.data) // n],
+                    self.targets[:: len(self.targets) // n],
+                )
+
+        def __len__(self):
+            return len(self.targets)
+
+        def __getitem__(self, i):
+            return Image.fromarray(self.data[i], mode="L"), int(self.targets[i])
+
+    normalise = [transforms.ToTensor(), transforms.Normalize((MEAN,), (STD,))]
+    augment = [transforms.RandomCrop(28, padding=CROP_PADDING), transforms.RandomHorizontalFlip()]
+    train_transform = transforms.Compose((augment if protocol.augment else []) + normalise)
+    started = time.perf_counter()
+    benchmark = nc_benchmark(Images("train"), Images("t10k"), n_experiences=N_TASKS, task_labels=False, seed=seed,
+                             fixed_class_order=list(range(10)), train_transform=train_transform,
+                             eval_transform=transforms.Compose(normalise))  # fmt: skip
+
+    features = mlp_features() if protocol.model == "mlp" else convnet_features()
+    width = 400 if protocol.model == "mlp" else 256
+    # growing: a head over the classes seen so far, the others masked out (-1000) in training and evaluation
+    classifier = (
+        IncrementalClassifier(width, initial_out_features=2)
+        if method.head == "growing"
+        else nn.Linear(width, 10)
+    )
+    model = Net(features, classifier)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+
+    class FreshOptimizer(SupervisedPlugin):
+        """A fresh optimizer state (momentum) for every task, as incr builds a new optimizer per task."""
+
+        def before_training_exp(self, strategy, **kwargs):
+            strategy.optimizer.state.clear()
+
+    common = dict(optimizer=optimizer, train_mb_size=BATCH_SIZE, train_epochs=epochs, eval_mb_size=EVAL_BATCH_SIZE,
+                  device="cpu", evaluator=EvaluationPlugin(accuracy_metrics(experience=True), loggers=[]))  # fmt: skip
+    plugins = [FreshOptimizer()]
+    kwargs = dict(method.kwargs)
+    name = method.avalanche
+    if name.startswith("Naive+"):
+        plugins.append(getattr(avalanche_plugins, name.removeprefix("Naive+"))(**kwargs))
+        name, kwargs = "Naive", {}
+    if name == "ICaRL":
+        buffer_transform = transforms.Compose(augment) if protocol.augment else None
+        strategy = supervised.ICaRL(feature_extractor=features, classifier=classifier, buffer_transform=buffer_transform,
+                                    plugins=plugins, **common, **kwargs)  # fmt: skip
+    else:
+        strategy = getattr(supervised, name)(model=model, criterion=nn.CrossEntropyLoss(), plugins=plugins,
+                                             **common, **kwargs)  # fmt: skip
+
+    def evaluate() -> list[float]:
+        results = strategy.eval(benchmark.test_stream)
+        return [results[f"Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp{k:03d}"] for k in range(N_TASKS)]
+
+    loaded = time.perf_counter()
+    matrix, train_seconds = [], 0.0
+    if name == "JointTraining":  # once, on every task's data
+        tick = time.perf_counter()
+        strategy.train(benchmark.train_stream)
+        train_seconds += time.perf_counter() - tick
+        matrix.append(evaluate())
+    else:
+        for experience in benchmark.train_stream:
+            tick = time.perf_counter()
+            strategy.train(experience)
+            train_seconds += time.perf_counter() - tick
+            matrix.append(evaluate())
+    return {"accuracy_matrix": matrix, "train_seconds": train_seconds, "run_seconds": time.perf_counter() - loaded,
+            "setup_seconds": loaded - started}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------- incr side
+def incr_overrides(method: Method) -> tuple[list[str], list[str]]:
+    """The method's overrides, without the optional ones whose key configs/strategy/<name>.yaml lacks."""
+    config = yaml.safe_load((REPO / "configs" / "strategy" / f"{method.incr}.yaml").read_text())
+    kept, dropped = list(method.overrides), []
+    for override in method.optional:
+        key = override.split("=", 1)[0].removeprefix("strategy.")
+        node = config
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        (kept if node is not None else dropped).append(override)
+    return kept, dropped
+
+
+def incr_command(
+    method: Method, protocol: Protocol, seed: int, epochs: int | None, run_dir: Path
+) -> list[str]:
+    incr = ["incr"] if shutil.which("incr") else [sys.executable, "-m", "incr_cli"]
+    epochs_override = [] if epochs is None else [f"epochs={epochs}"]
+    return [*incr, "train", INCR_COMMON[0], f"strategy={method.incr}", *incr_overrides(method)[0], *protocol.incr,
+            *epochs_override, f"seed={seed}", *INCR_COMMON[1:], f"hydra.run.dir={run_dir}"]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------- the runs
+def forgetting(matrix: list[list[float]]) -> float:
+    """Avalanche's: accuracy right after learning a task minus the final one, averaged over the tasks before the
+    last; 0 for a single evaluation (JointTraining)."""
+    last = len(matrix) - 1
+    return statistics.mean(matrix[j][j] - matrix[last][j] for j in range(last)) if last else 0.0
+
+
+def run_one(
+    tool: str, method_name: str, protocol_name: str, seed: int, epochs: int | None, out: Path, data: Path
+) -> dict:
+    """One run in a subprocess of its own; writes and returns its JSON record (or reads it back if it exists)."""
+    record_path = out / "runs" / protocol_name / method_name / f"{tool}_seed{seed}.json"
+    if record_path.exists():
+        return json.loads(record_path.read_text())
+    record_path.parent.mkdir(parents=True, exist_ok=True)
+    method, protocol = METHODS[method_name], PROTOCOLS[protocol_name]
+    run_epochs = protocol.epochs if epochs is None else epochs
+    run_dir = record_path.with_suffix("")
+    if tool == "incr":
+        command = incr_command(method, protocol, seed, epochs, run_dir)
+    else:
+        command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--methods", method_name, "--protocol",
+                   protocol_name, "--seeds", str(seed), "--epochs", str(run_epochs), "--data", str(data),
+                   "--out", str(run_dir)]  # fmt: skip
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = run_dir / "log.txt"
+    environment = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS))
+    started = time.perf_counter()
+    with open(log, "w") as handle:
+        done = subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, env=environment)
+    total = time.perf_counter() - started
+    if done.returncode != 0:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-25:])
+        raise SystemExit(
+            f"{tool} {method_name} seed {seed} failed (exit {done.returncode}); end of {log}:\n{tail}"
+        )
+    if tool == "incr":
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        result = {"accuracy_matrix": metrics["class_il"]["accuracy_matrix"],
+                  "train_seconds": sum(task["train_seconds"] for task in metrics["per_task"]),
+                  "run_seconds": metrics["wall_seconds"]}  # fmt: skip
+    else:
+        result = json.loads((run_dir / "result.json").read_text())
+    matrix = result["accuracy_matrix"]
+    record = {
+        "tool": tool, "method": method_name, "protocol": protocol_name, "seed": seed, "epochs": run_epochs,
+        "incr_strategy": method.incr, "avalanche_strategy": method.avalanche,
+        "accuracy_matrix": matrix, "final_average_accuracy": statistics.mean(matrix[-1]),
+        "forgetting": forgetting(matrix), "train_seconds": result["train_seconds"],
+        "run_seconds": result["run_seconds"], "total_seconds": total, "command": shlex.join(command),
+    }  # fmt: skip
+    if tool == "incr":
+        record["dropped_overrides"] = incr_overrides(method)[1]
+    record_path.write_text(json.dumps(record, indent=1))
+    return record
+
+
+# ----------------------------------------------------------------------------------------------- the table
+def mean_std(values: list[float], scale: float = 100.0) -> str:
+    std = statistics.stdev(values) * scale if len(values) > 1 else float("nan")
+    return f"{statistics.mean(values) * scale:.2f} ± {std:.2f}"
+
+
+def render(records: list[dict], protocols: list[str], methods: list[str], command: str) -> str:
+    lines = [f"Produced by `{command}` on {datetime.date.today().isoformat()}; {machine()}.", ""]
+    for protocol_name in protocols:
+        protocol = PROTOCOLS[protocol_name]
+        lines += [f"### {protocol.title}", "",
+                  "| method | incr (Avalanche's) | accuracy, incr | accuracy, Avalanche | difference (points) "
+                  "| forgetting, incr / Avalanche | time ratio (total) | time ratio (train) |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for method_name in methods:
+            runs = {tool: [r for r in records if (r["tool"], r["protocol"], r["method"]) == (tool, protocol_name, method_name)]
+                    for tool in ("incr", "avalanche")}  # fmt: skip
+            if not runs["incr"] or not runs["avalanche"]:
+                continue
+            accuracy = {tool: [r["final_average_accuracy"] for r in rs] for tool, rs in runs.items()}
+            median = {(tool, key): statistics.median(r[key] for r in rs) for tool, rs in runs.items()
+                      for key in ("total_seconds", "train_seconds")}  # fmt: skip
+            difference = (statistics.mean(accuracy["incr"]) - statistics.mean(accuracy["avalanche"])) * 100
+            forget = " / ".join(
+                f"{statistics.mean(r['forgetting'] for r in runs[t]):.3f}" for t in ("incr", "avalanche")
+            )
+            method = METHODS[method_name]
+            lines.append(
+                f"| {method_name} | {method.incr} ({method.avalanche}) | {mean_std(accuracy['incr'])} "
+                f"| {mean_std(accuracy['avalanche'])} | {difference:+.2f} | {forget} "
+                f"| {median['avalanche', 'total_seconds'] / median['incr', 'total_seconds']:.2f} "
+                f"| {median['avalanche', 'train_seconds'] / median['incr', 'train_seconds']:.2f} |"
+            )
+        lines.append("")
+    dropped = sorted({o for r in records for o in r.get("dropped_overrides", [])})
+    lines += [
+        "Final average accuracy in percent, mean ± sample std over the seeds. Forgetting: Avalanche's (accuracy right "
+        "after learning a task minus the final one, tasks before the last), mean over the seeds. Time ratios: "
+        "Avalanche's median over incr's median; total: each run's process from start to exit (start-up and data "
+        "loading included, one subprocess per run for both tools); train: inside the training calls.",
+        "",
+        "Differences that the settings do not remove:",
+        "",
+        *(f"- {name}: {METHODS[name].notes}" for name in methods if METHODS[name].notes),
+        "- every method: incr's head is one row per class seen so far; Avalanche's is its IncrementalClassifier "
+        "(unseen classes masked out) except where noted.",
+    ]
+    if dropped:
+        lines.append(f"- incr overrides left out because this incr lacks the key: {', '.join(dropped)}.")
+    return "\n".join(lines) + "\n"
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor() or "unknown CPU")  # fmt: skip
+    try:
+        from importlib.metadata import version
+
+        avalanche = version("avalanche-lib")
+    except Exception:  # noqa: BLE001 (not installed: the table still says so)
+        avalanche = "not installed"
+    revision = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+    )
+    return (f"{len(os.sched_getaffinity(0))} CPU cores ({cpu}), torch {torch.__version__}, Avalanche {avalanche}, "
+            f"incr at git {revision.stdout.strip() or 'unknown'}, {THREADS} threads; 1-minute load average "
+            f"{os.getloadavg()[0]:.1f} at the end")  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------- main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--protocol", choices=["mlp", "convnet", "both"], default="both")
+    parser.add_argument(
+        "--methods", default=",".join(METHODS), help=f"comma-separated, from: {','.join(METHODS)}"
+    )
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per task for both tools (smoke runs); "
+                        "default: the protocol's")  # fmt: skip
+    parser.add_argument("--data", type=Path, default=FASHION_MNIST, help="folder of the four IDX .gz files")
+    parser.add_argument("--out", type=Path, default=None, help="folder of the run records (default: "
+                        "outputs/benchmarks/parity/<date_time>/); finished runs found there are not run again")  # fmt: skip
+    parser.add_argument(
+        "--write", action="store_true", help="write the table into --table instead of printing it"
+    )
+    parser.add_argument("--table", type=Path, default=None, help="the markdown file --write writes")
+    parser.add_argument("--limit", type=int, default=None, help="check the Avalanche side only: every method "
+                        "on about LIMIT training samples, no incr runs, no table")  # fmt: skip
+    parser.add_argument(
+        "--worker", action="store_true", help=argparse.SUPPRESS
+    )  # one Avalanche run, into --out
+    args = parser.parse_args()
+    methods = args.methods.split(",")
+    if unknown := set(methods) - set(METHODS):
+        parser.error(f"unknown method(s) {', '.join(sorted(unknown))}; valid: {', '.join(METHODS)}")
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    if args.worker:
+        result = avalanche_run(methods[0], args.protocol, seeds[0], args.epochs, args.data, args.limit)
+        (args.out / "result.json").write_text(json.dumps(result))
+        return
+    if args.limit:  # the Avalanche side only, in this process
+        for protocol_name in ["mlp", "convnet"] if args.protocol == "both" else [args.protocol]:
+            for method_name in methods:
+                epochs = args.epochs or PROTOCOLS[protocol_name].epochs
+                result = avalanche_run(method_name, protocol_name, seeds[0], epochs, args.data, args.limit)
+                print(
+                    f"{protocol_name} {method_name}: accuracy {statistics.mean(result['accuracy_matrix'][-1]):.4f}"
+                )
+        return
+    if args.write and args.table is None:
+        parser.error("--write needs --table FILE")
+    try:
+        import avalanche  # noqa: F401
+    except ImportError:
+        raise SystemExit("Avalanche is not installed: pip install -e '.[parity]'") from None
+    protocols = ["mlp", "convnet"] if args.protocol == "both" else [args.protocol]
+    out = (
+        args.out
+        or REPO / "outputs" / "benchmarks" / "parity" / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    ).resolve()
+    command = shlex.join(["python", "benchmarks/parity.py", *sys.argv[1:]])
+    records = []
+    for protocol_name in protocols:
+        for method_name in methods:
+            for seed in seeds:  # interleaved: incr seed s, then Avalanche seed s
+                for tool in ("incr", "avalanche"):
+                    record = run_one(tool, method_name, protocol_name, seed, args.epochs, out, args.data)
+                    records.append(record)
+                    print(f"{protocol_name} {method_name} {tool} seed {seed}: accuracy "
+                          f"{record['final_average_accuracy']:.4f}, train {record['train_seconds']:.1f} s, "
+                          f"total {record['total_seconds']:.1f} s", flush=True)  # fmt: skip
+    (out / "results.json").write_text(json.dumps(records, indent=1))
+    table = render(records, protocols, methods, command)
+    if args.write:
+        args.table.parent.mkdir(parents=True, exist_ok=True)
+        args.table.write_text(table)
+        print(f"wrote {args.table}; run records in {out}")
+    else:
+        print(table)
+        print(f"run records in {out}")
+
+
+if __name__ == "__main__":
+    main()
