@@ -1,4 +1,4 @@
-"""ER-ACE: the asymmetric cross-entropy by hand, and what it buys on digits (P1) against finetune and replay."""
+"""ER-ACE: the asymmetric cross-entropy by hand, and what it buys on digits against finetune and replay."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from conftest import assert_resumes_exactly, final_accuracy, run_experiment
 
 from incr_cli.data.batches import Batch
 from incr_cli.memory import Memory
+from incr_cli.models.head import IncrementalNet
 from incr_cli.strategies.er_ace import ERACE, incoming_logit_mask, masked_cross_entropy
 
 
@@ -52,7 +53,7 @@ def tiny_er_ace(memory_size: int = 10) -> tuple[ERACE, torch.nn.Linear]:
     context = SimpleNamespace(model=model, stream=SimpleNamespace(n_classes=4), device=torch.device("cpu"),
                               rng=torch.Generator().manual_seed(0), preprocess=lambda x, generator=None: x.float(),
                               scenario="class_il")  # fmt: skip
-    strategy = ERACE(Memory(memory_size), replay_batch_size=1)
+    strategy = ERACE(Memory(memory_size), replay_batch_size=1, classifier="linear", head="growing")
     strategy.setup(context)
     strategy.seen[:2] = True
     strategy.task_id = 1
@@ -77,6 +78,52 @@ def test_the_incoming_batch_alone_leaves_the_old_classes_weights_untouched():
     strategy.loss(Batch(torch.tensor([[1.0, 2.0], [0.5, -1.0]]), torch.tensor([2, 3]))).backward()
     assert model.weight.grad[:2].abs().sum() == 0  # rows of classes 0 and 1
     assert model.weight.grad[2:].abs().sum() > 0
+
+
+class Pixels(torch.nn.Module):
+    feature_dim = 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float()
+
+
+def cosine_er_ace(**options) -> ERACE:
+    """ER-ACE with its defaults on a 3-class head whose rows are (1, 0), (0, 1), (1, 1), features = inputs,
+    in the first task (its before_task done)."""
+    model = IncrementalNet(Pixels(), 3)
+    with torch.no_grad():
+        model.head.future_weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+        model.head.future_bias.fill_(5.0)  # a cosine classifier has no bias: this must not show
+    model.head.grow(1)
+    context = SimpleNamespace(model=model, stream=SimpleNamespace(n_classes=3), device=torch.device("cpu"),
+                              rng=torch.Generator().manual_seed(0), preprocess=lambda x, generator=None: x.float(),
+                              scenario="class_il")  # fmt: skip
+    strategy = ERACE(Memory(10), replay_batch_size=1, **options)
+    strategy.setup(context)
+    strategy.before_task(SimpleNamespace(id=0, train_index=torch.arange(4)))
+    return strategy
+
+
+def test_er_ace_scores_are_ten_times_the_cosine_over_every_class_as_in_the_authors_code():
+    strategy = cosine_er_ace()
+    assert strategy.model.head.n_classes == 3  # the full head: every class trainable from the start
+    scores = strategy.logits(Batch(torch.tensor([[2.0, 0.0], [1.0, 1.0]]), torch.tensor([0, 0])))
+    r = 1 / math.sqrt(2)
+    torch.testing.assert_close(
+        scores, torch.tensor([[10.0, 0.0, 10 * r], [10 * r, 10 * r, 10.0]]), rtol=1e-4, atol=1e-4
+    )
+    torch.testing.assert_close(strategy.predict(torch.tensor([[2.0, 0.0]])), scores[:1], rtol=1e-4, atol=1e-4)
+
+
+def test_er_ace_masks_from_the_first_batch_when_task_free():
+    # class 1 was shown by an earlier batch of the first task; this batch holds class 0 only
+    for task_free, kept in ((True, [0, 2]), (False, [0, 1, 2])):
+        strategy = cosine_er_ace(task_free=task_free)
+        strategy.seen[1] = True
+        x, y = torch.tensor([[2.0, 0.0]]), torch.tensor([0])
+        scores = 10 * torch.tensor([1.0, 0.0, 1 / math.sqrt(2)])
+        expected = -torch.log_softmax(scores[kept], 0)[0]
+        assert strategy.loss(Batch(x, y)).item() == pytest.approx(expected.item(), rel=1e-4)
 
 
 def test_the_memory_is_filled_online_once_per_sample():

@@ -24,6 +24,14 @@ def incoming_logit_mask(y: Tensor, seen: Tensor) -> Tensor:
     return present | ~seen
 
 
+def cosine_scores(features: Tensor, weight: Tensor, scale: float = 10.0, eps: float = 1e-5) -> Tensor:
+    """scale * cos(feature, class row), no bias: the classifier of the ER-ACE authors' code (`distLinear`,
+    scale 10, norms offset by eps) that Mammoth's `er_ace` also installs by default."""
+    features = features / (features.norm(dim=1, keepdim=True) + eps)
+    weight = weight / (weight.norm(dim=1, keepdim=True) + eps)
+    return scale * features @ weight.t()
+
+
 def masked_cross_entropy(logits: Tensor, y: Tensor, keep: Tensor) -> Tensor:
     """Cross-entropy over the columns where `keep` is true only: the others get the dtype's lowest value,
     so they take no probability mass and receive no gradient (Caccia et al. 2022, the incoming term)."""
@@ -43,9 +51,19 @@ class ERACE(Strategy):
     classes present in the incoming batch, and the classes no incoming batch has shown yet: the incoming
     samples then cannot push the logits of old classes down, which is what moves old representations
     abruptly when new classes arrive. The paper states the incoming term over the current task's classes;
-    the authors' code (github.com/naderAsadi/AML) and Mammoth's `er_ace` keep the labels present in the
-    incoming batch and also unmask the not-yet-seen classes, which this follows. As in Mammoth's, the mask
-    and the replay term start with the second task (during the first, L is the plain cross-entropy).
+    the authors' code (github.com/pclucas14/AML) and Mammoth's `er_ace` keep the labels present in the
+    incoming batch and also unmask the not-yet-seen classes, which this follows. Options, each default
+    following the authors' code:
+    - classifier "cosine" (default): scores are 10 x the cosine between the features and each class's row,
+      no bias (the authors' `distLinear`, which their code uses for ER-ACE and ER-AML, and Mammoth's
+      `use_custom_classifier`, on by default); "linear": the network's linear head.
+    - head "full" (default): both references' heads score every class of the stream from the start, so the
+      replayed term runs over all classes and the incoming term keeps every class not shown yet, future
+      ones included; evaluation still looks at the seen classes only. "growing": this project's head of the
+      classes seen so far (earlier behaviour).
+    - task_free true (default): the mask and the replay term apply from the first batch (the authors' code
+      forces this for ER-ACE; Mammoth's Seq-CIFAR-10 config sets it); false: they start with the second task
+      (Mammoth's argument default), the first task being trained with the plain cross-entropy.
 
     Memory: each incoming sample is offered to the memory right after its update (reservoir by default,
     the paper's choice; `memory.selection` may change it), so the memory is filled online, during the task.
@@ -54,15 +72,27 @@ class ERACE(Strategy):
     again, which can store duplicates).
 
     Defaults: replay batch equal to the incoming batch (the paper's 10 + 10; Mammoth's `minibatch_size`);
-    memory 200 (P1) / 500 (P2). Differences from the reference code: one forward pass over the joined
-    incoming and replayed batch (as incr's replay; two passes differ only through batch-norm statistics),
-    and the not-yet-seen classes are found exactly rather than as every label from the highest seen one on."""
+    memory 200. Differences from the reference code: one forward pass over the joined incoming and replayed
+    batch (as incr's replay; two passes differ only through batch-norm statistics), and the not-yet-seen
+    classes are found exactly rather than as every label from the highest seen one on."""
 
     supports_online = True  # learns and fills its memory batch by batch
 
-    def __init__(self, memory: Memory, replay_batch_size: int | None = None):
+    def __init__(
+        self,
+        memory: Memory,
+        replay_batch_size: int | None = None,
+        classifier: str = "cosine",
+        head: str = "full",
+        task_free: bool = True,
+    ):
+        if classifier not in ("cosine", "linear"):
+            raise ValueError(f"ER-ACE's classifier must be cosine or linear, got {classifier!r}")
+        if head not in ("full", "growing"):
+            raise ValueError(f"ER-ACE's head must be full or growing, got {head!r}")
         self.memory = memory
         self.replay_batch_size = replay_batch_size
+        self.classifier, self.head, self.task_free = classifier, head, bool(task_free)
         self.task_id = 0
         self.to_offer = 0  # samples of the current task not yet offered to the memory
 
@@ -72,12 +102,34 @@ class ERACE(Strategy):
         self.seen = torch.zeros(self.stream.n_classes, dtype=torch.bool, device=context.device)
 
     def before_task(self, task: Task) -> None:
+        if self.head == "full":
+            self.model.head.grow(self.stream.n_classes)  # every class a trainable row, as the references
         self.task_id = task.id
         self.to_offer = len(self.training_indices(task))
 
+    def scores(self, x: Tensor, every_class: bool = False) -> Tensor:
+        """Class scores of preprocessed inputs: the head's trainable rows, or every class of the stream."""
+        if self.classifier == "linear":
+            return self.model.forward_all(x) if every_class else self.model(x)
+        head = self.model.head
+        weight = head.weight
+        if every_class:
+            weight = torch.cat([weight, head.future_weight[head.n_classes :]])
+        return cosine_scores(self.model.backbone(x), weight)
+
+    def logits(self, batch: Batch) -> Tensor:
+        scores = self.scores(self.context.preprocess(batch.x, self.rng))
+        if self.context.scenario == "task_il":
+            scores = self.own_task_scores(scores, batch.y)
+        return scores
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        return self.scores(x, every_class=True)
+
     def loss(self, batch: Batch) -> Tensor:
         self.seen.index_fill_(0, batch.y, True)
-        if self.task_id == 0:
+        if self.task_id == 0 and not self.task_free:
             return F.cross_entropy(self.logits(batch), batch.y)
         n = len(batch)
         if len(self.memory):
