@@ -3,15 +3,24 @@ weighted by the diagonal Fisher information."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.func import functional_call, grad, vmap
 
 from incr_cli.data.batches import Batch
 from incr_cli.data.stream import Task
 from incr_cli.strategies.base import Strategy
 
 MODES = ("separate", "online")
+FISHERS = ("per_sample", "batch")
+FISHER_LABELS = ("empirical", "expected", "empirical_weighted")
+# Per-sample gradients held at once, in floats (256 MiB): bounds the vmap chunk for large models.
+PER_SAMPLE_FLOATS = 2**26
+
+log = logging.getLogger("incr")
 
 
 def quadratic_penalty(
@@ -32,6 +41,43 @@ def quadratic_penalty(
     if total is None:
         return torch.zeros(())
     return total
+
+
+def sgd_stability_bound(strategy: Strategy) -> float | None:
+    """The largest curvature h at which SGD with the run's lr and momentum m still converges on a quadratic,
+    2 (1 + m) / lr (heavy ball); None for other optimizers, whose steps are not lr * gradient."""
+    optimizer = strategy.context.make_optimizer([torch.nn.Parameter(torch.zeros(1))])
+    if type(optimizer) is not torch.optim.SGD:
+        return None
+    group = optimizer.param_groups[0]
+    return 2 * (1 + float(group.get("momentum", 0.0))) / float(group["lr"])
+
+
+def warn_if_stiff(
+    strategy: Strategy, key: str, strength: float, importances: list[dict[str, Tensor]]
+) -> None:
+    """Log a warning when the penalty strength * sum Omega (theta - theta*)^2 is stiffer, along some
+    parameter, than SGD can follow: its curvature 2 * strength * Omega_i beyond the stability bound makes
+    that parameter oscillate with growing amplitude until the loss is no longer finite."""
+    bound = sgd_stability_bound(strategy)
+    if bound is None or not strength or not importances:
+        return
+    largest = 0.0
+    for name in importances[-1]:
+        tensors = [imp[name] for imp in importances if name in imp]
+        shape = max((t.shape for t in tensors), key=lambda s: s[0] if len(s) else 0)
+        total = sum(pad_rows(t, shape) for t in tensors)
+        largest = max(largest, float(total.max()) if total.numel() else 0.0)
+    curvature = 2 * strength * largest
+    if curvature > bound:
+        log.warning(
+            "%s: the penalty's largest curvature %.3g exceeds %.3g, the most SGD with this learning rate and "
+            "momentum follows (2 (1 + momentum) / lr): expect a non-finite loss; lower %s or the learning rate",
+            type(strategy).__name__,
+            curvature,
+            bound,
+            key,
+        )
 
 
 def pad_rows(tensor: Tensor, shape: torch.Size) -> Tensor:
@@ -87,31 +133,61 @@ class EWC(Strategy):
     - mode `online` (Schwarz et al., section 3): a single running Fisher F <- gamma * F + F_k and a single
       anchor theta* = the parameters at the end of the last task, so memory does not grow with the tasks.
 
-    Fisher estimate: the diagonal *empirical* Fisher computed at the end of each task from that task's
-    training data with the true labels (not labels sampled from the model), as the mean over mini-batches
-    of the squared gradient of the mini-batch's mean log-likelihood: F_i = mean_b (d log p(y_b | x_b) /
-    d theta_i)^2. This is Avalanche's estimator (`EWCPlugin.compute_importances`), which the P2 reference
-    uses; per-batch gradients make it smaller than the per-sample Fisher by about the batch size, which is
-    why lambda is large. Batches are the run's batch size, in the stream's order, evaluation transform,
-    eval mode: the estimate consumes no randomness and changes no weights.
+    The diagonal Fisher F_k is estimated at the end of task k from that task's training data (evaluation
+    transform, eval mode, stream order: no randomness used, no weight changed), over the log-likelihood the
+    run trains (task-IL: the sample's own task's classes; otherwise the classes seen so far):
 
-    Defaults: lambda 1000 (protocol P2). Note that Avalanche adds `lambda * sum F (theta - theta*)^2`
-    without the paper's 1/2, so at equal lambda its penalty is twice this one. gamma for online EWC: the
-    paper treats it as a hyper-parameter (gamma < 1 forgets old tasks' importance gradually, gamma = 1 is a
-    plain running sum); the YAML's 0.9 is a choice, not a value from the paper. lambda 1000 goes with P2's
-    learning rate 0.01: the penalty's curvature is lambda * F, and with P1's 0.05 and momentum 0.9 it can
-    make SGD diverge (a non-finite loss) late in the stream."""
+    - `fisher: per_sample` (the paper's estimator, and van de Ven et al.'s and Mammoth's): the mean over the
+      task's N samples of each sample's squared gradient, F_i = 1/N sum_n sum_c w_nc (d log p(c | x_n) /
+      d theta_i)^2, with the weights w from `fisher_labels`:
+      `empirical` w = 1 at the true label (van de Ven's `fisher_labels='true'`),
+      `expected` w = p(c | x_n) over every class (the true Fisher; van de Ven's default `'all'`),
+      `empirical_weighted` w = p(y_n | x_n) at the true label (Mammoth's `ewc_on.py`).
+      Per-sample gradients come from torch.func (vmap of grad), in chunks.
+    - `fisher: batch` (Avalanche's `EWCPlugin`): the mean over mini-batches of the run's batch size of the
+      squared gradient of the batch's mean log-likelihood at the true labels. The mean gradient of a
+      batch is smaller than its samples' gradients, so this F is about batch-size times smaller and its
+      lambda correspondingly larger; kept for comparisons with Avalanche.
+
+    lambda is a weight on a per-sample mean, so it means the same at any batch size. The penalty's
+    curvature is lambda * F; plain or heavy-ball SGD is stable on it only while lr * lambda * max F stays
+    below 2 (1 + momentum), which the end of every task checks and warns about (a non-finite loss follows).
+    Avalanche and Mammoth add `lambda * sum F (theta - theta*)^2` without the paper's 1/2: their lambda is
+    half of incr's; van de Ven's code keeps the 1/2.
+
+    Defaults: `fisher: per_sample`, `fisher_labels: empirical`, lambda 100: the paper gives no value for a
+    split-digits stream; 100 is the largest power of ten that stays below that SGD bound on incr's default
+    protocols. gamma for online EWC: a hyper-parameter in the paper (gamma < 1 forgets old tasks'
+    importance gradually, gamma = 1 is a plain running sum, Mammoth's choice for Seq-CIFAR-10)."""
 
     supports_distributed = True  # its state comes from whole tasks, never from one rank's slice
 
-    def __init__(self, ewc_lambda: float, mode: str = "separate", gamma: float = 1.0):
+    def __init__(
+        self,
+        ewc_lambda: float,
+        mode: str = "separate",
+        gamma: float = 1.0,
+        fisher: str = "per_sample",
+        fisher_labels: str = "empirical",
+    ):
         if mode not in MODES:
             raise ValueError(f"EWC mode must be one of {', '.join(MODES)}, got {mode!r}")
         if ewc_lambda < 0:
             raise ValueError(f"EWC lambda must be 0 or more, got {ewc_lambda}")
         if not 0 <= gamma <= 1:
             raise ValueError(f"online EWC gamma must be in [0, 1], got {gamma}")
+        if fisher not in FISHERS:
+            raise ValueError(f"EWC fisher must be one of {', '.join(FISHERS)}, got {fisher!r}")
+        if fisher_labels not in FISHER_LABELS:
+            raise ValueError(
+                f"EWC fisher_labels must be one of {', '.join(FISHER_LABELS)}, got {fisher_labels!r}"
+            )
+        if fisher == "batch" and fisher_labels != "empirical":
+            raise ValueError(
+                f"EWC fisher=batch uses the true labels only, got fisher_labels={fisher_labels!r}"
+            )
         self.ewc_lambda, self.mode, self.gamma = float(ewc_lambda), mode, float(gamma)
+        self.estimator, self.fisher_labels = fisher, fisher_labels
         # separate: one {"fisher": {name: F}, "anchor": {name: theta*}} per finished task; online: at most one
         self.penalties: list[dict[str, dict[str, Tensor]]] = []
 
@@ -133,24 +209,82 @@ class EWC(Strategy):
             loss = loss + self.ewc_lambda / 2 * self.penalty()
         return loss
 
+    def scores(self, outputs: Tensor, y: Tensor) -> Tensor:
+        """The outputs the training loss sees: task-IL masks every class outside the sample's task."""
+        return self.own_task_scores(outputs, y) if self.context.scenario == "task_il" else outputs
+
     def fisher(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
-        """Diagonal empirical Fisher over raw uint8 inputs `x` with labels `y`: the mean over mini-batches of
-        the batch-mean log-likelihood's squared gradient."""
+        """Diagonal Fisher over raw uint8 inputs `x` with labels `y`, by the estimator chosen."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            if self.estimator == "batch":
+                return self.batch_fisher(x, y)
+            return self.per_sample_fisher(x, y)
+        finally:
+            self.model.train(was_training)
+
+    def batch_fisher(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """Avalanche's: the mean over mini-batches of the batch-mean log-likelihood's squared gradient."""
         params = self.parameters()
         names, tensors = list(params), list(params.values())
         fisher = [torch.zeros_like(t, dtype=torch.float32) for t in tensors]
-        was_training = self.model.training
-        self.model.eval()
         size = self.context.batch_size
         n_batches = 0
         for start in range(0, len(x), size):
-            inputs = self.context.preprocess(x[start : start + size])
-            loss = F.cross_entropy(self.model(inputs).float(), y[start : start + size])
-            for total, grad in zip(fisher, torch.autograd.grad(loss, tensors), strict=True):
-                total += grad.float().pow(2)
+            labels = y[start : start + size]
+            outputs = self.model(self.context.preprocess(x[start : start + size])).float()
+            loss = F.cross_entropy(self.scores(outputs, labels), labels)
+            for total, gradient in zip(fisher, torch.autograd.grad(loss, tensors), strict=True):
+                total += gradient.float().pow(2)
             n_batches += 1
-        self.model.train(was_training)
         return {name: total / max(n_batches, 1) for name, total in zip(names, fisher, strict=True)}
+
+    def per_sample_fisher(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """1/N sum_n sum_c w_nc (d log p(c | x_n) / d theta)^2, per-sample gradients by vmap(grad)."""
+        params = {name: p.detach() for name, p in self.parameters().items()}
+        every_class = self.fisher_labels == "expected"
+
+        def log_likelihood(weights: dict[str, Tensor], inputs: Tensor, mask: Tensor, label: Tensor) -> Tensor:
+            outputs = functional_call(self.model, weights, (inputs[None],))[0].float()
+            # log p(label | x) over the unmasked classes, without indexing by a batched label
+            log_p = outputs - torch.logsumexp(outputs.masked_fill(~mask, float("-inf")), 0)
+            return torch.where(class_ids == label, log_p, 0.0).sum()
+
+        class_ids = torch.arange(self.model.head.n_classes, device=self.context.device)
+        per_sample = vmap(grad(log_likelihood), in_dims=(None, 0, 0, 0))
+        n_values = sum(p.numel() for p in params.values())
+        chunk = max(1, min(self.context.batch_size * 8, PER_SAMPLE_FLOATS // max(n_values, 1)))
+        fisher = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
+        for start in range(0, len(x), chunk):
+            inputs = self.context.preprocess(x[start : start + chunk]).float()
+            labels = y[start : start + chunk]
+            with torch.no_grad():
+                outputs = self.model(inputs).float()
+                mask = torch.isfinite(self.scores(outputs, labels))
+                p = torch.softmax(outputs.masked_fill(~mask, float("-inf")), 1)
+            if every_class:  # each sample once per class, weighted by the model's p(c | x)
+                pairs = mask.nonzero()
+                rows, classes, weight = pairs[:, 0], pairs[:, 1], p[mask]
+            else:
+                rows = torch.arange(len(labels), device=labels.device)
+                classes = labels
+                weight = (
+                    p[rows, labels]
+                    if self.fisher_labels == "empirical_weighted"
+                    else torch.ones_like(p[:, 0])
+                )
+            for first in range(0, len(rows), chunk):
+                part = slice(first, first + chunk)
+                grads = per_sample(params, inputs[rows[part]], mask[rows[part]], classes[part])
+                w = weight[part]
+                for name, g in grads.items():
+                    fisher[name] += torch.einsum("n,n...->...", w, g.float().pow(2))
+        return {name: total / max(len(x), 1) for name, total in fisher.items()}
+
+    def check_stiffness(self) -> None:
+        """Warn when lr * lambda * max F passes 2 (1 + momentum): SGD then diverges along that parameter."""
+        warn_if_stiff(self, "strategy.ewc_lambda", self.ewc_lambda / 2, [e["fisher"] for e in self.penalties])
 
     def after_task(self, task: Task) -> None:
         index = task.train_index
@@ -164,6 +298,7 @@ class EWC(Strategy):
             }
             self.penalties = []
         self.penalties.append({"fisher": fisher, "anchor": anchor})
+        self.check_stiffness()
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "penalties": self.penalties}

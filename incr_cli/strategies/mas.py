@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from incr_cli.data.stream import Task
-from incr_cli.strategies.ewc import ImportancePenalty, pad_rows
+from incr_cli.strategies.ewc import ImportancePenalty, pad_rows, warn_if_stiff
 
 
 class MemoryAwareSynapses(ImportancePenalty):
@@ -28,10 +28,17 @@ class MemoryAwareSynapses(ImportancePenalty):
 
     Estimate: batched, the mean over mini-batches of |gradient of the batch's mean ||f(x)||^2| (as
     Avalanche's `MASPlugin`, which uses the unsquared norm): the absolute value is taken per batch, not per
-    sample, so it is a lower bound of the per-sample mean. Run's batch size, stream order, evaluation
-    transform, eval mode. Default lambda = 1, the paper's value for its object-recognition sequences."""
+    sample, so it is a lower bound of the per-sample mean; summed over a batch and divided by the number
+    of samples, as the authors' code (MAS_utils) does. Run's batch size, stream order, evaluation
+    transform, eval mode.
 
-    def __init__(self, mas_lambda: float = 1.0):
+    The penalty's curvature is 2 lambda Omega_i, and Omega grows with the logits' scale and with every
+    task (it is a sum): SGD follows it only while that stays below 2 (1 + momentum) / lr, which the end of
+    every task checks (a warning; a non-finite loss follows). Default lambda = 0.1: the paper's 1 (its
+    object-recognition sequences) passes that bound by the third task on incr's default stream (SGD lr
+    0.05, momentum 0.9)."""
+
+    def __init__(self, mas_lambda: float = 0.1):
         if mas_lambda < 0:
             raise ValueError(f"MAS lambda must be 0 or more, got {mas_lambda}")
         self.mas_lambda = float(mas_lambda)
@@ -65,6 +72,7 @@ class MemoryAwareSynapses(ImportancePenalty):
             old = self.importance.get(name)
             self.importance[name] = value if old is None else pad_rows(old, value.shape) + value
         self.anchor = {name: p.detach().float().clone() for name, p in self.parameters().items()}
+        warn_if_stiff(self, "strategy.mas_lambda", self.mas_lambda, [self.importance])
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "importance": self.importance, "anchor": self.anchor}

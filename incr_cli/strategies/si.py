@@ -10,7 +10,7 @@ from torch import Tensor
 
 from incr_cli.data.batches import Batch
 from incr_cli.data.stream import Task
-from incr_cli.strategies.ewc import ImportancePenalty, pad_rows
+from incr_cli.strategies.ewc import ImportancePenalty, pad_rows, warn_if_stiff
 
 if TYPE_CHECKING:
     from incr_cli.engine import Optimization
@@ -26,18 +26,25 @@ class SynapticIntelligence(ImportancePenalty):
     with g the gradient the step used (of the whole training loss, penalty included, as in Mammoth's and
     Avalanche's implementations; unscaled when a float16 loss scaler is on). At the task's end
 
-        Omega_i += omega_i / (Delta_i^2 + xi),   Delta_i = theta_i(end of task) - theta_i(start of task)
+        Omega_i <- max(0, Omega_i + omega_i / (Delta_i^2 + xi)),   Delta_i = theta_i(end) - theta_i(start)
 
-    (eq. 5) and the anchor becomes theta(end of task). Training then minimises (eq. 4)
+    (eq. 5; the clamp at 0 is the authors' code, ganguli-lab/pathint protocols.py: a negative Omega would
+    make the penalty concave) and the anchor becomes theta(end of task). Training then minimises (eq. 4)
 
         L = CE(f(x), y) + c * sum_i Omega_i (theta_i - anchor_i)^2.
 
     The head grows between tasks: its new rows have no importance yet (zero-padded Omega, not penalised).
 
-    Defaults: c = 1, xi = 1e-3 (damping), the values the paper reports for split MNIST (its section 5.1;
-    permuted MNIST used c = 0.1)."""
+    xi bounds Omega_i by omega_i / xi for a parameter that walked far but ended near its start, and the
+    penalty's curvature 2 c Omega_i must stay below 2 (1 + momentum) / lr for SGD to follow it (the end of
+    every task warns when it does not). With xi = 1e-3 that bound is passed on incr's default stream (SGD lr
+    0.05, momentum 0.9) by the third task and the loss turns non-finite.
 
-    def __init__(self, c: float = 1.0, xi: float = 1e-3):
+    Defaults: c = 1, the paper's split-MNIST value (section 5.1); xi = 0.1, the paper's permuted-MNIST
+    damping and van de Ven et al.'s default (their `epsilon`); the paper's split-MNIST xi = 1e-3 went with
+    Adam at lr 1e-3, whose steps stay small whatever the curvature."""
+
+    def __init__(self, c: float = 1.0, xi: float = 0.1):
         if c < 0 or xi <= 0:
             raise ValueError(f"SI needs c >= 0 and xi > 0, got c={c}, xi={xi}")
         self.c, self.xi = float(c), float(xi)
@@ -82,8 +89,10 @@ class SynapticIntelligence(ImportancePenalty):
             end = p.detach().float()
             new = self.omega[name] / ((end - self.start[name]).pow(2) + self.xi)
             old = self.importance.get(name)
-            self.importance[name] = new if old is None else pad_rows(old, new.shape) + new
+            total = new if old is None else pad_rows(old, new.shape) + new
+            self.importance[name] = total.clamp_min(0)
             self.anchor[name] = end.clone()
+        warn_if_stiff(self, "strategy.c", self.c, [self.importance])
 
     def state_dict(self) -> dict:
         names = ("importance", "anchor", "start", "omega")
