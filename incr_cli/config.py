@@ -160,6 +160,7 @@ def check_config(cfg: DictConfig, *, check_data: bool = True) -> None:
     for group in ("model", "strategy", "optimizer", "scheduler"):
         if cfg[group] is not None:
             check_target(group, cfg[group])
+    check_recipe(cfg)
     _check_model_fits(cfg.model, cfg.dataset)
     memory = cfg.strategy.get("memory") if isinstance(cfg.strategy, DictConfig) else None
     if isinstance(memory, DictConfig):
@@ -206,6 +207,159 @@ def check_target(key: str, node: DictConfig) -> None:
     for k in given:
         if isinstance(node[k], DictConfig) and "_target_" in node[k]:
             check_target(f"{key}.{k}", node[k])
+
+
+# Recipe values by parameter name, for any optimizer or scheduler that has them: (a check of what torch lets
+# through although training would be meaningless, or None where torch's own validation decides; what is valid).
+OPTIMIZER_VALUES: dict[str, tuple[Any, str]] = {
+    "lr": (None, "a number >= 0"),
+    "momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),  # torch takes any v >= 0; v >= 1 never decays
+    "dampening": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "weight_decay": (None, "a number >= 0"),
+    "eps": (None, "a number >= 0"),
+    "betas": (lambda v: len(v) == 2, "two numbers in [0, 1), e.g. [0.9, 0.999]"),
+    "nesterov": (None, "true (needs momentum > 0 and dampening 0) or false"),
+}
+SCHEDULER_VALUES: dict[str, tuple[Any, str]] = {
+    "gamma": (lambda v: v > 0, "a number > 0 (the factor applied to the learning rate)"),
+    "milestones": (
+        lambda v: len(v) > 0 and all(_is_integer(m) and m >= 1 for m in v),
+        "a list of epochs >= 1 (counted within each task), e.g. [49, 63]",
+    ),
+    "T_max": (lambda v: _is_integer(v) and v >= 1, "a whole number of epochs >= 1"),
+    "eta_min": (lambda v: v >= 0, "a number >= 0"),
+    "step_size": (lambda v: _is_integer(v) and v >= 1, "a whole number of epochs >= 1"),
+}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _show(value: Any) -> str:
+    """A value as it is written on the command line."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return f"[{','.join(_show(v) for v in value)}]"
+    return "null" if value is None else str(value)
+
+
+def check_recipe(cfg: DictConfig) -> None:
+    """The optimizer's and scheduler's values, checked like the rest of the config: every number finite, the
+    checks of OPTIMIZER_VALUES and SCHEDULER_VALUES, then torch's own validation (the optimizer built on a
+    dummy parameter and stepped once; the scheduler stepped through one task's epochs, the learning rate
+    staying finite and >= 0). An optimizer or scheduler YAML with other parameters is covered by the last."""
+    import torch
+
+    epochs = 1 if cfg.train.online else cfg.epochs
+    optimizer = _recipe_values(cfg.optimizer)
+    if optimizer is not None:
+        target, values = optimizer
+        _check_values("optimizer", target, values, OPTIMIZER_VALUES)
+        _check_torch(
+            "optimizer", target, values, OPTIMIZER_VALUES, lambda kwargs: _try_optimizer(target, kwargs)
+        )
+    scheduler = _recipe_values(cfg.scheduler)
+    if scheduler is not None:
+        target, values = scheduler
+
+        def make_optimizer():
+            parameter = torch.nn.Parameter(torch.zeros(1))
+            if optimizer is None:
+                return torch.optim.SGD([parameter], lr=0.1)
+            return _build(optimizer[0])([parameter], **optimizer[1])
+
+        _check_values("scheduler", target, values, SCHEDULER_VALUES)
+        _check_torch("scheduler", target, values, SCHEDULER_VALUES,
+                     lambda kwargs: _try_schedule(target, kwargs, make_optimizer(), epochs))  # fmt: skip
+
+
+def _recipe_values(node: Any) -> tuple[str, dict] | None:
+    if not isinstance(node, DictConfig):
+        return None
+    values = to_container(node)
+    return str(values.pop("_target_")), {k: v for k, v in values.items() if not str(k).startswith("_")}
+
+
+def _build(target: str) -> Any:
+    module_name, _, attribute = target.rpartition(".")
+    return getattr(importlib.import_module(module_name), attribute)
+
+
+def _check_values(group: str, target: str, values: dict, rules: dict[str, tuple[Any, str]]) -> None:
+    name = target.rsplit(".", 1)[-1]
+    for key, value in values.items():
+        check, valid = rules.get(key, (None, "a finite number"))
+        numbers = value if isinstance(value, list) else [value]
+        if any(_is_number(v) and not math.isfinite(v) for v in numbers):
+            raise ConfigError(f"{group}.{key}={_show(value)} is not a finite number; valid: {valid}")
+        if check is None:
+            continue
+        shape = isinstance(value, list) == (key in ("betas", "milestones")) and all(map(_is_number, numbers))
+        if not (shape and check(value)):
+            raise ConfigError(f"{group}.{key}={_show(value)} is not valid for {name}; valid: {valid}")
+
+
+def _check_torch(group: str, target: str, values: dict, rules: dict[str, tuple[Any, str]], attempt) -> None:
+    """torch's own verdict; a refusal is pinned on the one value that alone, beside the class's defaults for
+    the others (and any required values), brings it about."""
+    problem = attempt(values)
+    if problem is None:
+        return
+    name = target.rsplit(".", 1)[-1]
+    parameters = inspect.signature(_build(target)).parameters
+    empty = inspect.Parameter.empty
+    required = {k: v for k, v in values.items() if k in parameters and parameters[k].default is empty}
+    if attempt(required) is not None:
+        culprit = next(iter(required)) if len(required) == 1 else None
+    else:
+        culprit = next((k for k in values if k not in required and attempt({**required, k: values[k]})), None)
+    if culprit is None:
+        given = "".join(f" {group}.{k}={_show(v)}" for k, v in values.items())
+        raise ConfigError(f"{group}={name}{given} does not work as incr runs it: {problem}")
+    valid = rules[culprit][1] if culprit in rules else f"what {target} accepts"
+    raise ConfigError(
+        f"{group}.{culprit}={_show(values[culprit])} is refused by {name} ({problem}); valid: {valid}"
+    )
+
+
+_TORCH_REFUSALS = (ValueError, TypeError, IndexError, KeyError, ZeroDivisionError, RuntimeError)
+
+
+def _try_optimizer(target: str, values: dict) -> str | None:
+    import torch
+
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    try:
+        optimizer = _build(target)([parameter], **values)
+        parameter.grad = torch.zeros_like(parameter)
+        optimizer.step()  # some values are only read at the first step (Adam's betas)
+    except _TORCH_REFUSALS as error:
+        return str(error).splitlines()[0] if str(error) else type(error).__name__
+    return None
+
+
+def _try_schedule(target: str, values: dict, optimizer, epochs: int) -> str | None:
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scheduler = _build(target)(optimizer, **values)
+            for epoch in range(1, epochs + 1):  # as the engine steps it: once per epoch of a task
+                optimizer.step()
+                scheduler.step()
+                lr = optimizer.param_groups[0]["lr"]
+                if not (math.isfinite(lr) and lr >= 0):
+                    return f"the learning rate becomes {lr:g} after epoch {epoch}"
+    except _TORCH_REFUSALS as error:
+        return str(error).splitlines()[0] if str(error) else type(error).__name__
+    return None
 
 
 def _check_builds(key: str, node: DictConfig) -> Any:
