@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from conftest import RawPixels, assert_resumes_exactly, run_experiment, tiny_context
+from torch import Tensor
 
 from incr_cli.data.batches import Batch
 from incr_cli.engine import Hardware, Optimization
@@ -208,12 +209,14 @@ def test_si_importance_is_clamped_at_zero_as_in_the_authors_code():
         si.omega["head.bias"] = torch.tensor(omega)
         si.after_task(si.stream.tasks[0])
         torch.testing.assert_close(si.importance["head.bias"], torch.tensor(expected))
-    assert SynapticIntelligence().xi == 0.1
+    assert SynapticIntelligence().xi == 1e-3  # the paper's split-MNIST damping
 
 
-def test_stiff_penalty_is_reported_before_it_diverges(caplog):
+def test_stiff_penalty_is_reported_before_it_diverges_without_the_limit(caplog):
     # SGD lr 0.1 (tiny_context), no momentum: stable while the curvature 2 * c * Omega stays below 2 / 0.1 = 20.
-    si = setup(SynapticIntelligence(c=1.0, xi=0.1), [1], [0], [[0, 1]], seen=2, batch_size=1)
+    si = setup(
+        SynapticIntelligence(c=1.0, xi=0.1, curvature_limit="none"), [1], [0], [[0, 1]], seen=2, batch_size=1
+    )
     si.before_task(si.stream.tasks[0])
     si.omega["head.bias"] = torch.tensor([0.9, 0.0])  # Omega 9: curvature 18, below
     with caplog.at_level("WARNING", logger="incr"):
@@ -226,11 +229,69 @@ def test_stiff_penalty_is_reported_before_it_diverges(caplog):
     assert "strategy.c" in caplog.text and "22" in caplog.text
 
 
+def penalty_gradient(strategy, strength: float) -> Tensor:
+    """d (strength * penalty) / d head.bias."""
+    strategy.model.zero_grad()
+    (strength * strategy.penalty()).backward()
+    return strategy.model.head.bias.grad.clone()
+
+
+@pytest.mark.parametrize("limit", ["sgd", "none"])
+def test_curvature_limit_caps_a_huge_importance_at_what_sgd_follows(caplog, limit):
+    # SGD lr 0.1, no momentum (tiny_context): the cap keeps the curvature 2 c Omega at (1 + 0) / 0.1 = 10.
+    # Omega = (1e6, 2) on the bias, anchor 0, bias moved to (0.3, 0.3), c = 2: the gradient of
+    # c * Omega * d^2 is 2 c Omega d = (1.2e6, 2.4) uncapped; capped, row 0's curvature is 10: 10 * 0.3 = 3.
+    si = setup(SynapticIntelligence(c=2.0, curvature_limit=limit), [1], [0], [[0, 1]], seen=2, batch_size=1)
+    si.before_task(si.stream.tasks[0])
+    si.omega["head.bias"] = torch.tensor([1e6 * (0.0 + 1e-3), 2 * 1e-3])  # nothing moved: Omega = omega / xi
+    with caplog.at_level("INFO", logger="incr"):
+        si.after_task(si.stream.tasks[0])
+    torch.testing.assert_close(si.importance["head.bias"], torch.tensor([1e6, 2.0]))
+    with torch.no_grad():
+        si.model.head.bias.fill_(0.3)
+    expected = [3.0, 2.4] if limit == "sgd" else [1.2e6, 2.4]
+    torch.testing.assert_close(penalty_gradient(si, si.c), torch.tensor(expected))
+    assert ("1 of 4 parameters" in caplog.text) == (limit == "sgd")
+    assert ("exceeds" in caplog.text) == (limit == "none")
+
+
+def test_curvature_limit_follows_momentum_and_scales_every_task_of_separate_ewc_alike():
+    # SGD lr 0.05, momentum 0.9: curvature cap (1 + 0.9) / 0.05 = 38 on (lambda / 2) sum_k F_k, lambda = 2.
+    # Bias row 0: F_1 = 3e5, F_2 = 1e6 (sum 1.3e6), anchors 0 and 0.1, bias 0.3. Each F scaled by
+    # 19 / 1.3e6 (so that (lambda / 2) * 2 * sum F = 38): gradient 2 * 19 * (3/13 * 0.3 + 10/13 * 0.2).
+    # Row 1: F = 1 each, below the cap: gradient 2 * (1 * 0.3 + 1 * 0.2) = 1. Adam: no cap.
+    ewc = setup(EWC(ewc_lambda=2.0), [1], [0], [[0, 1]], seen=2, batch_size=1)
+    ewc.context.make_optimizer = lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)
+    zero = {"head.weight": torch.zeros(2, 1)}
+    ewc.penalties = [
+        {"fisher": {"head.bias": torch.tensor([3e5, 1.0]), **zero}, "anchor": {"head.bias": torch.zeros(2), **zero}},
+        {"fisher": {"head.bias": torch.tensor([1e6, 1.0]), **zero}, "anchor": {"head.bias": torch.full((2,), 0.1), **zero}},
+    ]  # fmt: skip
+    with torch.no_grad():
+        ewc.model.head.bias.fill_(0.3)
+    row0 = 2 * 19 * (3 / 13 * 0.3 + 10 / 13 * 0.2)
+    torch.testing.assert_close(penalty_gradient(ewc, 1.0), torch.tensor([row0, 1.0]))
+    adam = setup(EWC(ewc_lambda=2.0), [1], [0], [[0, 1]], seen=2, batch_size=1)
+    adam.context.make_optimizer = lambda p: torch.optim.Adam(p, lr=0.05)
+    adam.penalties = ewc.penalties
+    with torch.no_grad():
+        adam.model.head.bias.fill_(0.3)
+    torch.testing.assert_close(penalty_gradient(adam, 1.0), torch.tensor([2 * (3e5 * 0.3 + 1e6 * 0.2), 1.0]))
+
+
 def test_mas_importance_on_a_linear_model_by_hand():
     # f(x) = w x + b with w = (1, -1), b = (0.5, 0); d||f||^2/dw_c = 2 f_c x, d/db_c = 2 f_c.
     # x=1: f = (1.5, -1): dw = (3, -2), db = (3, -2). x=2: f = (2.5, -2): dw = (10, -8), db = (5, -4).
     # Mean of absolute values: dw = (6.5, 5), db = (4, 3).
-    mas = setup(MemoryAwareSynapses(mas_lambda=2.0), [1, 2], [0, 1], [[0, 1], [2]], seen=2, batch_size=1)
+    # (no curvature limit: these importances are larger than SGD at lr 0.1 follows with lambda 2)
+    mas = setup(
+        MemoryAwareSynapses(mas_lambda=2.0, curvature_limit="none"),
+        [1, 2],
+        [0, 1],
+        [[0, 1], [2]],
+        seen=2,
+        batch_size=1,
+    )
     with torch.no_grad():
         mas.model.head.weight.copy_(torch.tensor([[1.0], [-1.0]]))
         mas.model.head.bias.copy_(torch.tensor([0.5, 0.0]))

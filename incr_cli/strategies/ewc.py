@@ -17,6 +17,7 @@ from incr_cli.strategies.base import Strategy
 MODES = ("separate", "online")
 FISHERS = ("per_sample", "batch")
 FISHER_LABELS = ("empirical", "expected", "empirical_weighted")
+CURVATURE_LIMITS = ("sgd", "none")
 # Per-sample gradients held at once, in floats (256 MiB): bounds the vmap chunk for large models.
 PER_SAMPLE_FLOATS = 2**26
 
@@ -24,20 +25,34 @@ log = logging.getLogger("incr")
 
 
 def quadratic_penalty(
-    params: dict[str, Tensor], importance: dict[str, Tensor], anchor: dict[str, Tensor]
+    params: dict[str, Tensor],
+    entries: list[tuple[dict[str, Tensor], dict[str, Tensor]]],
+    limit: float | None = None,
 ) -> Tensor:
-    """sum_i importance_i * (theta_i - anchor_i)^2 over the parameters named in `importance`.
+    """sum_k sum_i Omega_k,i (theta_i - anchor_k,i)^2 over the (importance, anchor) pairs `entries`.
 
-    The classifier head grows after the importance was computed: its rows of classes that did not exist
+    `limit` caps each parameter's summed importance sum_k Omega_k,i: where it is larger, every term of that
+    parameter is scaled down by the same factor so the sum equals the limit (see `importance_limit`).
+
+    The classifier head grows after an importance was computed: its rows of classes that did not exist
     then have no importance and no anchor, so only the leading rows it was computed on are penalised (the
     same as zero-padding the importance)."""
     total = None
-    for name, weight in importance.items():
-        param = params[name]
-        if param.shape != weight.shape:
-            param = param[: weight.shape[0]]
-        term = (weight * (param.float() - anchor[name]).pow(2)).sum()
-        total = term if total is None else total + term
+    for name, param in params.items():
+        terms = [(importance[name], anchor[name]) for importance, anchor in entries if name in importance]
+        if not terms:
+            continue
+        scale = None
+        if limit is not None:
+            shape = max((w.shape for w, _ in terms), key=lambda s: s[0] if len(s) else 0)
+            summed = terms[0][0] if len(terms) == 1 else sum(pad_rows(w, shape) for w, _ in terms)
+            scale = (limit / summed).clamp(max=1.0)  # 1 where summed is 0 (limit / 0 = inf)
+        for weight, anchor in terms:
+            value = param if param.shape == weight.shape else param[: weight.shape[0]]
+            if scale is not None:
+                weight = weight * (scale if scale.shape == weight.shape else scale[: weight.shape[0]])
+            term = (weight * (value.float() - anchor).pow(2)).sum()
+            total = term if total is None else total + term
     if total is None:
         return torch.zeros(())
     return total
@@ -53,26 +68,70 @@ def sgd_stability_bound(strategy: Strategy) -> float | None:
     return 2 * (1 + float(group.get("momentum", 0.0))) / float(group["lr"])
 
 
-def warn_if_stiff(
+def run_sgd_bound(strategy: Strategy) -> float | None:
+    """`sgd_stability_bound`, computed once: the optimizer's settings are fixed for the run."""
+    if not hasattr(strategy, "_sgd_bound"):
+        strategy._sgd_bound = sgd_stability_bound(strategy)
+    return strategy._sgd_bound
+
+
+def importance_limit(strategy: Strategy, strength: float) -> float | None:
+    """The largest summed importance Omega_i that `curvature_limit: sgd` lets a penalty
+    strength * sum_i Omega_i (theta_i - theta*_i)^2 keep: its curvature 2 * strength * Omega_i at most
+    (1 + m) / lr, half of SGD's stability bound (a margin for the loss's own curvature). None (no cap) for
+    `curvature_limit: none`, a zero strength, or an optimizer other than SGD."""
+    if strategy.curvature_limit == "none" or not strength:
+        return None
+    bound = run_sgd_bound(strategy)
+    return None if bound is None else bound / 2 / (2 * strength)
+
+
+def check_curvature_limit(curvature_limit: str) -> str:
+    if curvature_limit not in CURVATURE_LIMITS:
+        raise ValueError(
+            f"curvature_limit must be one of {', '.join(CURVATURE_LIMITS)}, got {curvature_limit!r}"
+        )
+    return curvature_limit
+
+
+def report_stiffness(
     strategy: Strategy, key: str, strength: float, importances: list[dict[str, Tensor]]
 ) -> None:
-    """Log a warning when the penalty strength * sum Omega (theta - theta*)^2 is stiffer, along some
-    parameter, than SGD can follow: its curvature 2 * strength * Omega_i beyond the stability bound makes
-    that parameter oscillate with growing amplitude until the loss is no longer finite."""
-    bound = sgd_stability_bound(strategy)
-    if bound is None or not strength or not importances:
+    """At a task's end: with `curvature_limit: sgd`, log how many parameters the cap holds (their
+    importance is larger than SGD can follow); with `none`, warn when some curvature passes SGD's
+    stability bound 2 (1 + m) / lr, beyond which that parameter oscillates with growing amplitude until
+    the loss is no longer finite."""
+    if not strength or not importances:
         return
-    largest = 0.0
+    bound = run_sgd_bound(strategy)
+    if bound is None:
+        return
+    limit = importance_limit(strategy, strength)
+    largest, clipped, count = 0.0, 0, 0
     for name in importances[-1]:
         tensors = [imp[name] for imp in importances if name in imp]
         shape = max((t.shape for t in tensors), key=lambda s: s[0] if len(s) else 0)
         total = sum(pad_rows(t, shape) for t in tensors)
+        count += total.numel()
         largest = max(largest, float(total.max()) if total.numel() else 0.0)
+        if limit is not None:
+            clipped += int((total > limit).sum())
+    if limit is not None:
+        if clipped:
+            log.info(
+                "%s: %d of %d parameters have an importance beyond what SGD with this learning rate and "
+                "momentum follows; their penalty is capped at curvature (1 + momentum) / lr (curvature_limit: sgd)",
+                type(strategy).__name__,
+                clipped,
+                count,
+            )
+        return
     curvature = 2 * strength * largest
     if curvature > bound:
         log.warning(
             "%s: the penalty's largest curvature %.3g exceeds %.3g, the most SGD with this learning rate and "
-            "momentum follows (2 (1 + momentum) / lr): expect a non-finite loss; lower %s or the learning rate",
+            "momentum follows (2 (1 + momentum) / lr): expect a non-finite loss; lower %s or the learning "
+            "rate, or set strategy.curvature_limit=sgd",
             type(strategy).__name__,
             curvature,
             bound,
@@ -92,9 +151,16 @@ def pad_rows(tensor: Tensor, shape: torch.Size) -> Tensor:
 class ImportancePenalty(Strategy):
     """A quadratic pull towards the parameters at the end of the last task, one importance per parameter:
     L = CE(f(x), y) + strength * sum_i Omega_i (theta_i - theta*_i)^2 (SI's c, MAS's lambda). Subclasses
-    fill `importance` (Omega) and `anchor` (theta*) and say which of their knobs is `strength`."""
+    fill `importance` (Omega) and `anchor` (theta*) and say which of their knobs is `strength`.
 
-    def __init__(self) -> None:
+    `curvature_limit: sgd` caps each Omega_i at (1 + m) / (2 lr strength) when the run's optimizer is SGD
+    (lr, momentum m): the penalty's curvature 2 strength Omega_i then stays at half of heavy-ball SGD's
+    stability bound 2 (1 + m) / lr, past which the parameter oscillates with growing amplitude and the loss
+    turns non-finite. A capped parameter is held as firmly as SGD can hold it. `none`: no cap (the papers'
+    penalty as written, stable with Adam, whose steps are bounded by its lr)."""
+
+    def __init__(self, curvature_limit: str = "sgd") -> None:
+        self.curvature_limit = check_curvature_limit(curvature_limit)
         self.importance: dict[str, Tensor] = {}
         self.anchor: dict[str, Tensor] = {}
 
@@ -107,10 +173,11 @@ class ImportancePenalty(Strategy):
         return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
 
     def penalty(self) -> Tensor:
-        """sum_i Omega_i (theta_i - theta*_i)^2, without the strength."""
+        """sum_i Omega_i (theta_i - theta*_i)^2, without the strength, Omega capped by `curvature_limit`."""
         if not self.importance:
             return torch.zeros((), device=self.context.device)
-        return quadratic_penalty(self.parameters(), self.importance, self.anchor)
+        limit = importance_limit(self, self.strength)
+        return quadratic_penalty(self.parameters(), [(self.importance, self.anchor)], limit)
 
     def loss(self, batch: Batch) -> Tensor:
         loss = F.cross_entropy(self.logits(batch), batch.y)
@@ -150,15 +217,17 @@ class EWC(Strategy):
       lambda correspondingly larger; kept for comparisons with Avalanche.
 
     lambda is a weight on a per-sample mean, so it means the same at any batch size. The penalty's
-    curvature is lambda * F; plain or heavy-ball SGD is stable on it only while lr * lambda * max F stays
-    below 2 (1 + momentum), which the end of every task checks and warns about (a non-finite loss follows).
-    Avalanche and Mammoth add `lambda * sum F (theta - theta*)^2` without the paper's 1/2: their lambda is
-    half of incr's; van de Ven's code keeps the 1/2.
+    curvature is lambda * sum_k F_k; `curvature_limit: sgd` (default) caps it, per parameter, at
+    (1 + momentum) / lr when the optimizer is SGD, half of heavy-ball SGD's stability bound, by scaling that
+    parameter's F_k down alike (see `ImportancePenalty`); `none` keeps the penalty as written (warns at a
+    task's end when SGD would diverge). Avalanche and Mammoth add `lambda * sum F (theta - theta*)^2`
+    without the paper's 1/2: their lambda is half of incr's; van de Ven's code keeps the 1/2.
 
-    Defaults: `fisher: per_sample`, `fisher_labels: empirical`, lambda 100: the paper gives no value for a
-    split-digits stream; 100 is the largest power of ten that stays below that SGD bound on incr's default
-    protocols. gamma for online EWC: a hyper-parameter in the paper (gamma < 1 forgets old tasks'
-    importance gradually, gamma = 1 is a plain running sum, Mammoth's choice for Seq-CIFAR-10)."""
+    Defaults (ewc.yaml, online_ewc.yaml): `fisher: per_sample`, `fisher_labels: expected`, lambda 1e5, gamma 1: the paper
+    gives no value for split digits; these are van de Ven et al.'s for task-IL Split MNIST (their
+    params/param_values.py and default `--fisher-labels all`, `--gamma 1`; 1e9 for class-IL). gamma < 1
+    forgets old tasks' importance gradually (Schwarz et al.); 1 is a plain running sum, as Mammoth and van
+    de Ven use."""
 
     supports_distributed = True  # its state comes from whole tasks, never from one rank's slice
 
@@ -169,7 +238,9 @@ class EWC(Strategy):
         gamma: float = 1.0,
         fisher: str = "per_sample",
         fisher_labels: str = "empirical",
+        curvature_limit: str = "sgd",
     ):
+        self.curvature_limit = check_curvature_limit(curvature_limit)
         if mode not in MODES:
             raise ValueError(f"EWC mode must be one of {', '.join(MODES)}, got {mode!r}")
         if ewc_lambda < 0:
@@ -196,12 +267,13 @@ class EWC(Strategy):
         return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
 
     def penalty(self) -> Tensor:
-        """sum_k sum_i F_{k,i} (theta_i - theta*_{k,i})^2, without lambda / 2."""
-        params = self.parameters()
-        total = torch.zeros((), device=self.context.device)
-        for entry in self.penalties:
-            total = total + quadratic_penalty(params, entry["fisher"], entry["anchor"])
-        return total
+        """sum_k sum_i F_{k,i} (theta_i - theta*_{k,i})^2, without lambda / 2, sum_k F_{k,i} capped by
+        `curvature_limit` (each task's F_{k,i} scaled by the same factor)."""
+        if not self.penalties:
+            return torch.zeros((), device=self.context.device)
+        entries = [(entry["fisher"], entry["anchor"]) for entry in self.penalties]
+        limit = importance_limit(self, self.ewc_lambda / 2)
+        return quadratic_penalty(self.parameters(), entries, limit).to(self.context.device)
 
     def loss(self, batch: Batch) -> Tensor:
         loss = F.cross_entropy(self.logits(batch), batch.y)
@@ -283,8 +355,10 @@ class EWC(Strategy):
         return {name: total / max(len(x), 1) for name, total in fisher.items()}
 
     def check_stiffness(self) -> None:
-        """Warn when lr * lambda * max F passes 2 (1 + momentum): SGD then diverges along that parameter."""
-        warn_if_stiff(self, "strategy.ewc_lambda", self.ewc_lambda / 2, [e["fisher"] for e in self.penalties])
+        """Log how many parameters `curvature_limit` caps, or warn when, uncapped, SGD diverges along one."""
+        report_stiffness(
+            self, "strategy.ewc_lambda", self.ewc_lambda / 2, [e["fisher"] for e in self.penalties]
+        )
 
     def after_task(self, task: Task) -> None:
         index = task.train_index

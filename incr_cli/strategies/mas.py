@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from incr_cli.data.stream import Task
-from incr_cli.strategies.ewc import ImportancePenalty, pad_rows, warn_if_stiff
+from incr_cli.strategies.ewc import ImportancePenalty, pad_rows, report_stiffness
 
 
 class MemoryAwareSynapses(ImportancePenalty):
@@ -33,16 +33,14 @@ class MemoryAwareSynapses(ImportancePenalty):
     transform, eval mode.
 
     The penalty's curvature is 2 lambda Omega_i, and Omega grows with the logits' scale and with every
-    task (it is a sum): SGD follows it only while that stays below 2 (1 + momentum) / lr, which the end of
-    every task checks (a warning; a non-finite loss follows). Default lambda = 0.1: the paper's 1 (its
-    object-recognition sequences) passes that bound by the third task on incr's default stream (SGD lr
-    0.05, momentum 0.9)."""
+    task (it is a sum): `curvature_limit: sgd` (default) caps it at half of what SGD follows, (1 + momentum)
+    / lr (see `ImportancePenalty`); `none` keeps the paper's penalty. Default lambda = 1, the paper's."""
 
-    def __init__(self, mas_lambda: float = 0.1):
+    def __init__(self, mas_lambda: float = 1.0, curvature_limit: str = "sgd"):
         if mas_lambda < 0:
             raise ValueError(f"MAS lambda must be 0 or more, got {mas_lambda}")
         self.mas_lambda = float(mas_lambda)
-        super().__init__()
+        super().__init__(curvature_limit)
 
     @property
     def strength(self) -> float:
@@ -72,7 +70,7 @@ class MemoryAwareSynapses(ImportancePenalty):
             old = self.importance.get(name)
             self.importance[name] = value if old is None else pad_rows(old, value.shape) + value
         self.anchor = {name: p.detach().float().clone() for name, p in self.parameters().items()}
-        warn_if_stiff(self, "strategy.mas_lambda", self.mas_lambda, [self.importance])
+        report_stiffness(self, "strategy.mas_lambda", self.mas_lambda, [self.importance])
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "importance": self.importance, "anchor": self.anchor}

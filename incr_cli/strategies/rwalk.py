@@ -10,7 +10,7 @@ from torch import Tensor
 
 from incr_cli.data.batches import Batch
 from incr_cli.data.stream import Task
-from incr_cli.strategies.ewc import ImportancePenalty, pad_rows
+from incr_cli.strategies.ewc import ImportancePenalty, pad_rows, report_stiffness
 
 if TYPE_CHECKING:
     from incr_cli.engine import Optimization
@@ -65,7 +65,12 @@ class RiemannianWalk(ImportancePenalty):
     and updates the Fisher every step."""
 
     def __init__(
-        self, rwalk_lambda: float = 1.0, alpha: float = 0.9, update_every: int = 10, epsilon: float = 1e-3
+        self,
+        rwalk_lambda: float = 1.0,
+        alpha: float = 0.9,
+        update_every: int = 10,
+        epsilon: float = 1e-3,
+        curvature_limit: str = "sgd",
     ):
         if rwalk_lambda < 0:
             raise ValueError(f"RWalk lambda must be 0 or more, got {rwalk_lambda}")
@@ -77,7 +82,9 @@ class RiemannianWalk(ImportancePenalty):
             raise ValueError(f"RWalk epsilon must be positive, got {epsilon}")
         self.rwalk_lambda, self.alpha = float(rwalk_lambda), float(alpha)
         self.update_every, self.epsilon = int(update_every), float(epsilon)
-        super().__init__()  # importance: normalised F + s at the last task's end; anchor: theta there
+        super().__init__(
+            curvature_limit
+        )  # importance: normalised F + s at the last task's end; anchor: theta there
         self.fisher: dict[str, Tensor] = {}  # EWC++ running Fisher, over the whole stream
         self.score: dict[str, Tensor] = {}  # the current task's path-integral score
         self.task_score: dict[str, Tensor] = {}  # averaged over finished tasks
@@ -164,6 +171,7 @@ class RiemannianWalk(ImportancePenalty):
         fisher, score = normalised(self.fisher), normalised(self.task_score)
         self.importance = {name: fisher[name] + score[name] for name in fisher}
         self.anchor = {name: p.detach().float().clone() for name, p in self.parameters().items()}
+        report_stiffness(self, "strategy.rwalk_lambda", self.rwalk_lambda, [self.importance])
 
     def state_dict(self) -> dict:
         state = {key: getattr(self, key) for key in PER_PARAMETER}

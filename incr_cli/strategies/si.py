@@ -10,7 +10,7 @@ from torch import Tensor
 
 from incr_cli.data.batches import Batch
 from incr_cli.data.stream import Task
-from incr_cli.strategies.ewc import ImportancePenalty, pad_rows, warn_if_stiff
+from incr_cli.strategies.ewc import ImportancePenalty, pad_rows, report_stiffness
 
 if TYPE_CHECKING:
     from incr_cli.engine import Optimization
@@ -35,20 +35,21 @@ class SynapticIntelligence(ImportancePenalty):
 
     The head grows between tasks: its new rows have no importance yet (zero-padded Omega, not penalised).
 
-    xi bounds Omega_i by omega_i / xi for a parameter that walked far but ended near its start, and the
-    penalty's curvature 2 c Omega_i must stay below 2 (1 + momentum) / lr for SGD to follow it (the end of
-    every task warns when it does not). With xi = 1e-3 that bound is passed on incr's default stream (SGD lr
-    0.05, momentum 0.9) by the third task and the loss turns non-finite.
+    xi bounds Omega_i by omega_i / xi for a parameter that walked far but ended near its start; such an
+    Omega can make the penalty's curvature 2 c Omega_i pass what SGD follows, 2 (1 + momentum) / lr:
+    `curvature_limit: sgd` (default) caps it at half that (see `ImportancePenalty`), `none` keeps the
+    paper's penalty.
 
-    Defaults: c = 1, the paper's split-MNIST value (section 5.1); xi = 0.1, the paper's permuted-MNIST
-    damping and van de Ven et al.'s default (their `epsilon`); the paper's split-MNIST xi = 1e-3 went with
-    Adam at lr 1e-3, whose steps stay small whatever the curvature."""
+    Defaults: c = 1 and xi = 1e-3, the paper's split-MNIST values (section 5.1; c = 0.1, xi = 0.1 for
+    permuted MNIST)."""
 
-    def __init__(self, c: float = 1.0, xi: float = 0.1):
+    def __init__(self, c: float = 1.0, xi: float = 1e-3, curvature_limit: str = "sgd"):
         if c < 0 or xi <= 0:
             raise ValueError(f"SI needs c >= 0 and xi > 0, got c={c}, xi={xi}")
         self.c, self.xi = float(c), float(xi)
-        super().__init__()  # importance: Omega summed over finished tasks; anchor: theta at the last task's end
+        super().__init__(
+            curvature_limit
+        )  # importance: Omega summed over finished tasks; anchor: theta at the last task's end
         self.start: dict[str, Tensor] = {}  # theta at the start of the current task
         self.omega: dict[str, Tensor] = {}  # the current task's path integral
 
@@ -92,7 +93,7 @@ class SynapticIntelligence(ImportancePenalty):
             total = new if old is None else pad_rows(old, new.shape) + new
             self.importance[name] = total.clamp_min(0)
             self.anchor[name] = end.clone()
-        warn_if_stiff(self, "strategy.c", self.c, [self.importance])
+        report_stiffness(self, "strategy.c", self.c, [self.importance])
 
     def state_dict(self) -> dict:
         names = ("importance", "anchor", "start", "omega")
