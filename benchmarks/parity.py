@@ -338,6 +338,12 @@ def avalanche_run(
     if name.startswith("Naive+"):
         plugins.append(getattr(avalanche_plugins, name.removeprefix("Naive+"))(**kwargs))
         name, kwargs = "Naive", {}
+    if name == "BiC":
+        # Avalanche 0.6's BiC passes MultiStepLR a `verbose` argument that torch has since removed; it only printed.
+        from avalanche.training.plugins import bic as bic_plugin
+
+        scheduler = bic_plugin.MultiStepLR
+        bic_plugin.MultiStepLR = lambda *a, verbose=None, **k: scheduler(*a, **k)
     if name == "ICaRL":
         buffer_transform = transforms.Compose(augment) if protocol.augment else None
         strategy = supervised.ICaRL(feature_extractor=features, classifier=classifier, buffer_transform=buffer_transform,
@@ -450,8 +456,8 @@ def run_one(
 
 # ----------------------------------------------------------------------------------------------- the table
 def mean_std(values: list[float], scale: float = 100.0) -> str:
-    std = statistics.stdev(values) * scale if len(values) > 1 else float("nan")
-    return f"{statistics.mean(values) * scale:.2f} ± {std:.2f}"
+    std = f"{statistics.stdev(values) * scale:.2f}" if len(values) > 1 else "–"  # one seed: no spread
+    return f"{statistics.mean(values) * scale:.2f} ± {std}"
 
 
 def render(records: list[dict], protocols: list[str], methods: list[str], command: str) -> str:
