@@ -85,3 +85,8 @@ def summary_table(metrics: dict) -> Table:
         show(final.get("f1")), f"{metrics['wall_seconds']:.1f}",
     )  # fmt: skip
     return table
+
+
+def training_warnings(metrics: dict) -> list[str]:
+    """The end-of-run recap of the tasks that may have learned nothing (each was also logged as it ended)."""
+    return [f"[bold yellow]warning:[/] {w}" for task in metrics["per_task"] for w in task.get("warnings", ())]

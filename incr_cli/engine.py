@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import resource
@@ -23,7 +24,7 @@ from omegaconf import DictConfig
 
 from incr_cli import checkpoint, distributed, faults, metrics, plots
 from incr_cli.config import ConfigError, to_container
-from incr_cli.console import TrainingProgress, accuracy_table, console, summary_table
+from incr_cli.console import TrainingProgress, accuracy_table, console, summary_table, training_warnings
 from incr_cli.data.batches import DeviceBatches, Preprocess, eval_batches
 from incr_cli.data.sources import load_source
 from incr_cli.data.stream import Stream, build_stream
@@ -32,6 +33,11 @@ from incr_cli.models.head import IncrementalNet
 from incr_cli.strategies.base import Context, Strategy
 
 log = logging.getLogger("incr")
+
+# A trained task is reported when its accuracy is at most this far above chance (see `training_warnings`) ...
+CHANCE_MARGIN = 0.05
+# ... or when its mean training loss fell by less than this fraction of its first value.
+LOSS_DROP = 0.01
 
 
 class NonFiniteLoss(RuntimeError):
@@ -146,6 +152,13 @@ class Position:
     batch: int = 0
     step: int = 0  # optimizer steps of the whole run
     epoch_loss: float = 0.0  # sum of this epoch's batch losses so far, for the logged epoch mean
+    # for the check that the task's loss fell (see `training_warnings`): the first epoch's mean loss and the
+    # lowest mean of a later epoch; in a one-epoch task the loss sums at the end of its first tenth of batches
+    # and at the start of its last tenth
+    first_epoch_loss: float | None = None
+    lowest_epoch_loss: float | None = None
+    head_loss: float | None = None
+    tail_start_loss: float | None = None
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -253,6 +266,8 @@ class Run:
         self.write_results(plots_too=True)
         if self.writes:
             console.print(summary_table(self.metrics))
+            for line in training_warnings(self.metrics):
+                console.print(line, highlight=False, soft_wrap=True)
         log.info("finished; results in %s", self.run_dir)
         return self.metrics
 
@@ -284,11 +299,21 @@ class Run:
         log.info("task %d/%d: classes %s, %d training samples",
                  task.id + 1, len(self.stream.tasks), [self.stream.class_names[c] for c in task.classes], len(indices))  # fmt: skip
         optimization = Optimization(optimizer, scaler, self.hardware, cfg.train.on_nonfinite, self._where)
+        n_batches = len(batches)
+        # a one-epoch task's loss check compares its first tenth of batches with its last tenth
+        window = max(1, n_batches // 10)
+        task_loss = (
+            None  # (first epoch's mean, lowest later epoch mean) or (first tenth's mean, last tenth's)
+        )
         self.model.train()
         while position.epoch < self.epochs:
-            self.progress.start_epoch(position.epoch, len(batches), position.batch)
+            self.progress.start_epoch(position.epoch, n_batches, position.batch)
             # summed on the device, read once per epoch (and at checkpoints): no per-batch synchronisation
             self._epoch_loss = torch.tensor(position.epoch_loss, device=self.hardware.device)
+            self._head_loss, self._tail_start_loss = (
+                None if value is None else torch.tensor(value, device=self.hardware.device)
+                for value in (position.head_loss, position.tail_start_loss)
+            )
             epoch_seconds, epoch_samples = 0.0, 0
             tick = time.perf_counter()
             for batch in batches.epoch(position.epoch, start=position.batch):
@@ -296,6 +321,12 @@ class Run:
                 self._epoch_loss += self.strategy.training_step(batch, optimization).float()
                 position.batch += 1
                 position.step += 1
+                # one-epoch first task: copies of the running sum on the device, read at the epoch's end
+                if self.epochs == 1 and task.id == 0:
+                    if position.batch == window:
+                        self._head_loss = self._epoch_loss.clone()
+                    if position.batch == n_batches - window:
+                        self._tail_start_loss = self._epoch_loss.clone()
                 timing["samples"] += len(batch)
                 timing["steps"] += 1
                 elapsed = time.perf_counter() - tick
@@ -308,8 +339,22 @@ class Run:
                     self.save_checkpoint(optimizer, scheduler, scaler)
                 self._stop_if_signalled(optimizer, scheduler, scaler)
                 tick = time.perf_counter()
+            sums = [self._epoch_loss]
+            if self._head_loss is not None and self._tail_start_loss is not None:
+                sums += [self._head_loss, self._tail_start_loss]
+            sums = torch.stack(sums).tolist()  # the epoch's one read of the device
+            epoch_mean = sums[0] / max(n_batches, 1)
+            lowest = position.lowest_epoch_loss
+            if position.epoch == 0:
+                position.first_epoch_loss = epoch_mean
+            elif lowest is None or not math.isfinite(lowest) or epoch_mean < lowest:
+                position.lowest_epoch_loss = epoch_mean
+            if self.epochs > 1:
+                task_loss = (position.first_epoch_loss, position.lowest_epoch_loss)
+            elif len(sums) == 3 and task.id == 0:
+                task_loss = (sums[1] / window, (sums[0] - sums[2]) / window)
             self.loggers.epoch({
-                "loss": self._epoch_loss.item() / max(len(batches), 1),
+                "loss": epoch_mean,
                 "lr": optimizer.param_groups[0]["lr"],
                 "samples_per_second": epoch_samples / max(epoch_seconds, 1e-9),
             }, position.step, task.id, position.epoch)  # fmt: skip
@@ -318,6 +363,7 @@ class Run:
             position.epoch += 1
             position.batch = 0
             position.epoch_loss = 0.0
+            position.head_loss = position.tail_start_loss = None
         tick = time.perf_counter()
         self.strategy.after_task(task)  # counted as training: GDumb trains here, memories are filled here
         timing["train_seconds"] += time.perf_counter() - tick
@@ -329,7 +375,10 @@ class Run:
         timing["memory_bytes"] = self.strategy.memory_bytes
         # growing-network methods (DER, FOSTER) pay for forgetting in model size: report it per task
         timing["parameters"], timing["model_bytes"] = model_size(self.model)
+        timing["warnings"] = self.training_warnings(task, task_il, task_loss if n_batches else None)
         self.record(class_il, task_il, final)
+        for warning in timing["warnings"]:
+            log.warning(warning)
         self.log_task(task.id, position.step)
         self.position = Position(task=task.id + 1, step=position.step)
         self.save_checkpoint(None, None, None, task_end=task.id)
@@ -379,6 +428,59 @@ class Run:
             confusion = metrics.confusion_matrix(y[seen_rows], class_prediction[seen_rows], n_seen)
             final = {**metrics.precision_recall_f1(confusion), "confusion_matrix": confusion.tolist()}
         return per_task(class_prediction == y), per_task(task_prediction == y), final
+
+    # ----------------------------------------------------------------- training checks
+    def training_warnings(
+        self, task, task_il: list[float], task_loss: tuple[float | None, float] | None
+    ) -> list[str]:
+        """What says that the task just trained learned nothing, as one message naming the likely causes.
+
+        - accuracy: the fraction of the task's own evaluation samples predicted correctly among the task's own
+          classes (the task-IL figure; in domain-IL every class) is at most CHANCE_MARGIN above chance, 1 / the
+          task's classes (a task of one class is not checked). In class-IL the argmax over every class seen is
+          not used: a method's bias towards old classes lowers it on a task that was learned;
+        - loss: the mean training loss did not fall by LOSS_DROP of its first value: no epoch after the first
+          has a mean that much below the first epoch's. The loss the engine sees is the method's whole
+          objective, and distillation or penalty terms grow as the model leaves the previous one: over a
+          short epoch they can outweigh the new task's falling loss. So a one-epoch task is checked only when
+          it is the first one (no earlier model to hold on to): its last tenth of batches against its first
+          tenth (a task of one batch is not checked). A non-finite mean counts as not falling."""
+        findings = []
+        n_classes = len(task.classes)
+        accuracy = task_il[task.id]
+        chance = 1 / n_classes
+        if n_classes > 1 and accuracy <= chance + CHANCE_MARGIN:
+            findings.append(f"its {self.cfg.evaluate_on} accuracy among its own classes is {accuracy:.3f}, no more than "
+                            f"{CHANCE_MARGIN * 100:.0f} points above chance ({chance:.3f} with {n_classes} classes)")  # fmt: skip
+        if task_loss is not None and None not in task_loss:
+            first, later = task_loss
+            if not later < first - LOSS_DROP * abs(first):
+                findings.append(
+                    f"its training loss did not fall (mean {first:.4g} in the first epoch, {later:.4g} at best "
+                    "in a later one)"
+                    if self.epochs > 1
+                    else f"its training loss did not fall (mean {first:.4g} over the first tenth of its batches, "
+                    f"{later:.4g} over the last)"
+                )
+        if not findings:
+            return []
+        names = ", ".join(self.stream.class_names[c] for c in task.classes)
+        causes = []
+        lr = self.cfg.optimizer.get("lr") if self.cfg.optimizer is not None else None
+        if isinstance(lr, (int, float)) and lr > 0:
+            causes.append(f"a learning rate too high for this model (try optimizer.lr={lr / 10:g})")
+        elif lr is not None:
+            causes.append(f"a learning rate of {lr} (set a positive optimizer.lr)")
+        if not self.cfg.dataset.normalize:
+            causes.append(
+                "unnormalised inputs (try dataset.normalize=true, with dataset.mean and dataset.std of the data)"
+            )
+        if self.cfg.train.online:
+            causes.append("a single pass over the data (train.online=true)")
+        else:
+            causes.append(f"too few epochs (try epochs={self.epochs * 2})")
+        return [f"task {task.id + 1} (classes {names}) may have learned nothing: {'; '.join(findings)}. "
+                f"Likely causes: {', '.join(causes)}"]  # fmt: skip
 
     # ----------------------------------------------------------------- metrics and files
     def _new_metrics(self) -> dict:
@@ -504,6 +606,10 @@ class Run:
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         if optimizer is not None:  # mid-task: the epoch's loss so far
             self.position.epoch_loss = self._epoch_loss.item()
+            if self._head_loss is not None:
+                self.position.head_loss = self._head_loss.item()
+            if self._tail_start_loss is not None:
+                self.position.tail_start_loss = self._tail_start_loss.item()
         state = {
             "config_hash": self.config_hash,
             "position": self.position.as_dict(),
