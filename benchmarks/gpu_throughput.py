@@ -1,6 +1,6 @@
-"""Protocol P3 (PROTOCOLS.md): training throughput on a CUDA GPU, incr next to a plain PyTorch loop.
+"""GPU throughput, ResNet-18 on CIFAR-shaped data (docs/benchmarks.md): incr next to a plain PyTorch loop.
 
-P3: generated CIFAR-shaped data (`dataset=synthetic`: 5 tasks x 10,000 training images of 3x32x32 uint8, 10
+Set-up: generated CIFAR-shaped images (`dataset=synthetic`: 5 tasks x 10,000 training images of 3x32x32 uint8, 10
 classes per task), ResNet-18 (CIFAR variant), batch 128, random crop (padding 4) + flip on the device. Reported:
 training images/s of finetune, replay (memory 500) and DER++ (memory 500) under `hardware=gpu` and
 `hardware=amp`, and of a hand-written loop training the same model on the same tensors (the speed limit).
@@ -9,7 +9,7 @@ incr's figure is each run's samples/s (its own training samples over its trainin
 start-up compilation and cuDNN autotuning in task 1 are left out); the plain loop's is timed with CUDA events.
 One epoch per task: throughput, not accuracy, is measured.
 
-    python benchmarks/gpu_throughput.py --write          # on a GPU machine: replaces the P3 section of docs/benchmarks.md
+    python benchmarks/gpu_throughput.py --write          # on a GPU machine: replaces the GPU throughput section of docs/benchmarks.md
     python benchmarks/gpu_throughput.py --device cpu --train-per-class 4 --test-per-class 1 --methods finetune
                                                          # a smoke run of the script on a CPU (a minute or two)
 """
@@ -113,10 +113,10 @@ def _elapsed(started, device: torch.device) -> float:
 
 
 def render(rows: list[tuple[str, str, float]], command: str, device_name: str) -> str:
-    lines = [BEGIN, "## P3: training throughput on a CUDA GPU", "",
+    lines = [BEGIN, "## GPU throughput, ResNet-18 on CIFAR-shaped data", "",
              f"Produced by `{command}` on {datetime.date.today()}; device: {device_name}, torch {torch.__version__}.",
              "Images/s of training over tasks 2-5 (task 1 carries the warm-up), one epoch per task, batch 128,",
-             "ResNet-18 on `dataset=synthetic` (P3's generated CIFAR-shaped data), crop + flip on the device.", "",
+             "ResNet-18 on `dataset=synthetic` (generated CIFAR-shaped data), crop + flip on the device.", "",
              "| method | hardware | images/s |", "|---|---|---|"]  # fmt: skip
     lines += [f"| {method} | {hardware} | {speed:,.0f} |" for method, hardware, speed in rows]
     return "\n".join([*lines, "", END])
@@ -137,14 +137,14 @@ def main() -> None:
         "--methods", default=",".join(METHODS), help=f"comma-separated, from: {','.join(METHODS)}"
     )
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a smoke run only")
-    parser.add_argument("--train-per-class", type=int, default=1000, help="P3: 1000 (10,000 per task)")
+    parser.add_argument("--train-per-class", type=int, default=1000, help="default 1000: 10,000 per task")
     parser.add_argument(
         "--test-per-class", type=int, default=100, help="evaluated after each task (not timed)"
     )
-    parser.add_argument("--write", action="store_true", help="replace the P3 section of docs/benchmarks.md")
+    parser.add_argument("--write", action="store_true", help="replace its section of docs/benchmarks.md")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("P3 needs a CUDA GPU (--device cpu runs a smoke test)")
+        sys.exit("the GPU throughput benchmark needs a CUDA GPU (--device cpu runs a smoke test)")
     out = REPO / "outputs" / "benchmarks" / "p3" / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     rows = []
     for hardware in HARDWARE:

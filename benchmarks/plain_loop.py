@@ -1,6 +1,6 @@
-"""Protocol P2 (Split Fashion-MNIST) as a hand-written PyTorch loop: the speed limit incr is measured against.
+"""Split Fashion-MNIST, MLP (docs/benchmarks.md) as a hand-written PyTorch loop: the speed limit incr is measured against.
 
-The same work as `incr train experiment=split_fashion_mnist strategy=finetune|joint|replay` (PROTOCOLS.md, P2):
+The same work as `incr train experiment=split_fashion_mnist strategy=finetune|joint|replay`:
 - Fashion-MNIST 60,000/10,000 read from the IDX .gz files, held in memory as float tensors, Normalize(0.2860, 0.3530);
 - 5 tasks of 2 classes in class order 0..9, class-incremental: one head over the classes seen so far (the logits of
   unseen classes are cut off in training and evaluation);
@@ -15,7 +15,7 @@ The same work as `incr train experiment=split_fashion_mnist strategy=finetune|jo
 
 Run it alone (prints one line per run and the medians):
     python benchmarks/plain_loop.py --methods finetune,joint,replay --seeds 0,1,2
-benchmarks/split_fashion_mnist.py imports it and adds its rows to the P2 table.
+benchmarks/split_fashion_mnist.py imports it and adds its rows to the Split Fashion-MNIST table.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def evaluate(model: nn.Module, data: FashionMNIST, n_seen: int) -> list[float]:
 
 
 def run(method: str, seed: int, data: FashionMNIST) -> dict:
-    """One P2 run of `method`; returns the accuracy matrix, the final average accuracy and the timings."""
+    """One Split Fashion-MNIST run of `method`; returns the accuracy matrix, the final average accuracy and the timings."""
     torch.set_num_threads(2)
     torch.manual_seed(seed)
     model = mlp()

@@ -1,19 +1,19 @@
-"""Protocol P2 (Split Fashion-MNIST, class-incremental) with incr, next to the reference figures and a plain loop.
+"""Split Fashion-MNIST, MLP (class-incremental) with incr, next to the reference figures and a plain loop.
 
-P2 (PROTOCOLS.md): Fashion-MNIST, 5 tasks of 2 classes in class order 0..9, one head over the classes seen so far;
-MLP 784-400-400-10; SGD lr 0.01 momentum 0.9, batch 128, 2 epochs per task; evaluation (batch 1,000) on the whole
-test stream after every task; CPU, 2 threads; seeds 0,1,2. Methods here: every strategy of incr but MER (METHODS
-below: memory methods at P2's 500 samples).
+The protocol (docs/benchmarks.md): Fashion-MNIST, 5 tasks of 2 classes in class order 0..9, one head over the
+classes seen so far; MLP 784-400-400-10; SGD lr 0.01 momentum 0.9, batch 128, 2 epochs per task; evaluation
+(batch 1,000) on the whole test stream after every task; CPU, 2 threads; seeds 0,1,2. Methods here: every strategy
+of incr but MER (METHODS below: memory methods at the protocol's 500 samples).
 
 For each method this script runs ONE Hydra multirun of incr over the seeds, e.g.
     incr train -m experiment=split_fashion_mnist strategy=replay strategy.memory.size=500 seed=0,1,2 \
         hardware=cpu hardware.num_threads=2 progress=false hydra.sweep.dir=outputs/benchmarks/p2/<time>/replay
 (one multirun per method, because only replay takes the memory override), then runs the same seeds through
 benchmarks/plain_loop.py (a hand-written PyTorch loop doing the same work: the speed limit), reads every incr
-job's metrics.json, and prints a markdown section comparing both with the reference figures of PROTOCOLS.md.
+job's metrics.json, and prints a markdown section comparing both with the reference figures (REFERENCE below).
 
 Run it on a quiet machine (other processes on the 2 cores ruin the timings), from the repository root:
-    python benchmarks/split_fashion_mnist.py --write     # replaces the P2 section of docs/benchmarks.md
+    python benchmarks/split_fashion_mnist.py --write     # replaces this benchmark's section of docs/benchmarks.md
     python benchmarks/split_fashion_mnist.py --seeds 0   # a one-seed smoke run; prints, writes nothing
 """
 
@@ -42,8 +42,8 @@ REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- p2:begin -->", "<!-- p2:end -->"  # this script owns only what lies between these
 
-# Each method and the overrides it needs on top of the experiment; the memory size is P2's, not replay's default.
-# incr's strategy name -> the overrides that give P2's settings (PROTOCOLS.md, "Methods and their settings").
+# Each method and the overrides it needs on top of the experiment; the memory size is the protocol's, not replay's
+# default. incr's strategy name -> the overrides that give the protocol's settings for that method.
 METHODS = {
     "finetune": [],
     "joint": [],
@@ -77,7 +77,7 @@ COMMON = ["experiment=split_fashion_mnist", "hardware=cpu", "hardware.num_thread
 
 @dataclass
 class Reference:
-    """One row of PROTOCOLS.md's P2 table (Avalanche 0.6.0, torch 2.14.1, 2 threads, seeds 0,1,2, 2026-11-22)."""
+    """One reference row for this benchmark (Avalanche 0.6.0, torch 2.14.1, 2 threads, seeds 0,1,2, 2026-11-22)."""
 
     accuracy: float
     accuracy_std: float
@@ -151,7 +151,7 @@ def run_incr(method: str, seeds: list[int], sweep_dir: Path) -> tuple[list[dict]
 # ----------------------------------------------------------------------------------------------- the figures
 def avalanche_forgetting(matrix: list[list[float]]) -> float:
     """R[j][j] - R[T-1][j] averaged over the tasks before the last: the accuracy right after learning a task minus
-    the final one, as Avalanche's forgetting metric (and so PROTOCOLS.md's reference column) defines it."""
+    the final one, as Avalanche's forgetting metric (and so the reference column) defines it."""
     last = len(matrix) - 1
     return statistics.mean(matrix[j][j] - matrix[last][j] for j in range(last))
 
@@ -232,14 +232,14 @@ def render(rows: list[Row], command: str, incr_commands: list[str], seeds: list[
     plain_finetune = plain["finetune"].train_seconds if "finetune" in plain else float("nan")
     slowdown = plain_finetune / REFERENCE["plain loop, finetune"].train_seconds
     lines = [
-        "## P2: Split Fashion-MNIST, class-incremental",
+        "## Split Fashion-MNIST, MLP, class-incremental",
         "",
         f"Produced by `{command}` on {datetime.date.today().isoformat()}, seeds {','.join(map(str, seeds))}, "
         f"incr at git {git_revision()}.",
         f"Machine: {machine()}.",
         "Timings are medians over the seeds on a shared, noisy machine: compare the ratios of runs made at the same "
-        "time, not seconds across pages. Protocol: PROTOCOLS.md, P2 (MLP 784-400-400-10, SGD lr 0.01 momentum 0.9, "
-        "batch 128, 2 epochs per task, 2 threads). Each incr method is one Hydra multirun:",
+        "time, not seconds across pages. Protocol: Fashion-MNIST, 5 tasks of 2 classes, MLP 784-400-400-10, SGD "
+        "lr 0.01 momentum 0.9, batch 128, 2 epochs per task, 2 threads. Each incr method is one Hydra multirun:",
         "",
         "```bash",
         *incr_commands,
@@ -255,11 +255,11 @@ def render(rows: list[Row], command: str, incr_commands: list[str], seeds: list[
                      f"| {number(row.process_seconds, 1)} | {row.samples_per_second:,.0f} | {row.peak_memory_mib:,.0f} |")  # fmt: skip
     lines += [
         "",
-        "Next to the reference (PROTOCOLS.md: Avalanche 0.6.0, torch 2.14.1, measured 2026-11-22). Speed ratio: "
+        "Next to the reference (Avalanche 0.6.0, torch 2.14.1, measured 2026-11-22). Speed ratio: "
         "reference total s ÷ this total s (above 1: faster than the reference). Machine-normalised: the same ratio "
         f"after scaling the reference by how much slower this machine ran the plain-loop finetune than the reference "
-        f"machine did (here {slowdown:.2f}x: {plain_finetune:.1f} s against 2.2 s), since PROTOCOLS.md asks for ratios "
-        "of runs made at the same time. Plain-loop speed reached: plain loop train s ÷ incr train s, both measured "
+        f"machine did (here {slowdown:.2f}x: {plain_finetune:.1f} s against 2.2 s), since only ratios of runs made "
+        "at the same time compare. Plain-loop speed reached: plain loop train s ÷ incr train s, both measured "
         "here, back to back.",
         "",
         "| method | accuracy: here / reference | forgetting (Avalanche's): here / reference "
@@ -321,14 +321,14 @@ def write_section(path: Path, section: str) -> None:
 # ----------------------------------------------------------------------------------------------- main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (P2: 0,1,2)")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (the protocol's: 0,1,2)")
     parser.add_argument(
         "--methods", default=",".join(METHODS), help=f"comma-separated, from: {','.join(METHODS)}"
     )
     parser.add_argument("--out", type=Path, default=None,
                         help="where the incr sweeps go (default: outputs/benchmarks/p2/<date_time>/)")  # fmt: skip
     parser.add_argument("--write", nargs="?", type=Path, const=DOCS, default=None, metavar="PAGE",
-                        help=f"replace the P2 section of PAGE (default {DOCS.relative_to(REPO)}) instead of printing")  # fmt: skip
+                        help=f"replace this benchmark's section of PAGE (default {DOCS.relative_to(REPO)}) instead of printing")  # fmt: skip
     args = parser.parse_args()
     seeds = [int(seed) for seed in args.seeds.split(",")]
     methods = args.methods.split(",")
@@ -358,7 +358,7 @@ def main() -> None:
         print(section)
     else:
         write_section(args.write, section)
-        print(f"wrote the P2 section of {args.write}")
+        print(f"wrote the Split Fashion-MNIST section of {args.write}")
 
 
 if __name__ == "__main__":

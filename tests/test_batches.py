@@ -64,7 +64,7 @@ def test_joined_batches_keep_images_and_labels_together():
 def test_preprocess_scales_digits_pixels_to_the_unit_interval():
     preprocess = Preprocess(compose_config().dataset, max_value=16, device=torch.device("cpu"))
     x = torch.tensor([0, 4, 8, 16], dtype=torch.uint8).reshape(1, 1, 2, 2)
-    # digits store 0..16; no normalisation (P1): 0/16, 4/16, 8/16, 16/16
+    # digits store 0..16; no normalisation on the digits stream: 0/16, 4/16, 8/16, 16/16
     assert preprocess(x).flatten().tolist() == [0.0, 0.25, 0.5, 1.0]
 
 

@@ -1,4 +1,4 @@
-"""Protocol P2 on real data: Split Fashion-MNIST, 5 tasks of 2 classes, MLP 784-400-400, 2 epochs per task."""
+"""Split Fashion-MNIST, MLP on real data: 5 tasks of 2 classes, MLP 784-400-400, 2 epochs per task."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ pytestmark = [pytest.mark.slow, needs_fashion_mnist]
 
 # One intra-op thread: on the 2-core CI machine a replay run took 16 s with 1 thread and 66 s with 2 while
 # another process shared the cores (OpenMP threads spin-waiting on each other); results do not depend on it.
-P2 = ["experiment=split_fashion_mnist", "hardware.num_threads=1"]
+FMNIST = ["experiment=split_fashion_mnist", "hardware.num_threads=1"]
 
 
 @pytest.fixture(scope="module")
@@ -20,9 +20,9 @@ def data_root(tmp_path_factory):
 
 
 def test_replay_remembers_what_finetune_forgets_on_fashion_mnist(tmp_path, data_root):
-    finetune = run_experiment(tmp_path / "ft", [*P2, "strategy=finetune", f"data.root={data_root}"])
+    finetune = run_experiment(tmp_path / "ft", [*FMNIST, "strategy=finetune", f"data.root={data_root}"])
     replay = run_experiment(
-        tmp_path / "er", [*P2, "strategy=replay", "strategy.memory.size=500", f"data.root={data_root}"]
+        tmp_path / "er", [*FMNIST, "strategy=replay", "strategy.memory.size=500", f"data.root={data_root}"]
     )
     for metrics in (finetune, replay):
         # MLP 784-400-400 and the head: (784*400 + 400) + (400*400 + 400) + (400*10 + 10) = 478,410

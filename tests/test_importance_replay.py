@@ -147,7 +147,7 @@ def test_importance_replay_needs_a_class_balanced_memory_and_a_known_scoring():
 # ----------------------------------------------------------------------------------------- on real data
 @pytest.fixture(scope="module")
 def digits_runs(tmp_path_factory) -> dict[str, dict]:
-    """P1 (digits, memory 200, seed 0) for fine-tuning, plain replay and importance replay."""
+    """The default digits stream (memory 200, seed 0) for fine-tuning, plain replay and importance replay."""
     runs = {}
     for name, overrides in {
         "finetune": ["strategy=finetune"],

@@ -197,7 +197,8 @@ def test_less_forget_term_and_its_adaptive_weight_by_hand():
 
 
 def test_lucir_forgets_less_than_finetune_in_class_il_on_digits(tmp_path):
-    # P1 (digits, 5 tasks, 10 epochs, memory 200), seed 0: LUCIR 0.986 final class-IL accuracy, finetune 0.200.
+    # Digits stream (5 tasks, 10 epochs, memory 200), seed 0: LUCIR 0.986 final class-IL accuracy,
+    # finetune 0.200.
     settings = ["hardware=cpu", "hardware.num_threads=1", "seed=0"]
     finetune = run_experiment(tmp_path / "finetune", ["strategy=finetune", *settings])["class_il"]
     lucir = run_experiment(tmp_path / "lucir", ["strategy=lucir", *settings])["class_il"]

@@ -182,7 +182,8 @@ def test_class_balanced_finetuning_of_the_network_keeps_old_proxies(tmp_path, mo
 
 
 def test_podnet_forgets_less_than_finetune_in_class_il_on_digits(tmp_path):
-    # P1 (digits, 5 tasks, 10 epochs, memory 200), seed 0: PODNet 0.969 final class-IL accuracy, finetune 0.200.
+    # Digits stream (5 tasks, 10 epochs, memory 200), seed 0: PODNet 0.969 final class-IL accuracy,
+    # finetune 0.200.
     settings = ["hardware=cpu", "hardware.num_threads=1", "seed=0"]
     finetune = run_experiment(tmp_path / "finetune", ["strategy=finetune", *settings])["class_il"]
     podnet = run_experiment(tmp_path / "podnet", ["strategy=podnet", *settings])["class_il"]

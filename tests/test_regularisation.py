@@ -328,8 +328,9 @@ def test_regularisation_trains_under_mixed_precision(tmp_path, strategy):
 
 
 def test_ewc_resumes_exactly_after_sigterm(tmp_path):
-    # step 35 of 90 is in task 2: the first task's Fisher and anchor are in the checkpoint. P2's learning
-    # rate, for which lambda 1000 is tuned (at 0.05 with momentum this run diverges in task 5).
+    # step 35 of 90 is in task 2: the first task's Fisher and anchor are in the checkpoint. Split
+    # Fashion-MNIST's learning rate, for which lambda 1000 is tuned (at 0.05 with momentum this run diverges
+    # in task 5).
     assert_resumes_exactly(
         tmp_path, ["strategy=ewc", "epochs=2", "optimizer.lr=0.01"], fault="step:35:SIGTERM"
     )

@@ -109,10 +109,10 @@ def test_rwalk_rejects_bad_values():
 
 # ----------------------------------------------------------------------------------------- what it protects on digits
 def test_rwalk_remembers_old_tasks_better_than_finetune_in_task_il_on_digits(tmp_path):
-    # P1 (digits, 5 tasks, 10 epochs, SGD lr 0.05 momentum 0.9), the YAML's lambda 10. Task-IL final average
-    # accuracy / forgetting, seeds 0 and 1: RWalk 0.975 / 0.021 and 0.972 / 0.021; finetune 0.611 / 0.486 and
-    # 0.608 / 0.486. Lambda 3: 0.906 and 0.919; the authors' lambda 1 (lr 0.01, 6 epochs): 0.703 against
-    # finetune's 0.744, too weak here. Class-IL stays near 0.2 for both, as for EWC, SI and MAS.
+    # Digits stream (5 tasks, 10 epochs, SGD lr 0.05 momentum 0.9), the YAML's lambda 10. Task-IL final
+    # average accuracy / forgetting, seeds 0 and 1: RWalk 0.975 / 0.021 and 0.972 / 0.021; finetune 0.611 /
+    # 0.486 and 0.608 / 0.486. Lambda 3: 0.906 and 0.919; the authors' lambda 1 (lr 0.01, 6 epochs): 0.703
+    # against finetune's 0.744, too weak here. Class-IL stays near 0.2 for both, as for EWC, SI and MAS.
     settings = ["hardware=cpu", "hardware.num_threads=1", "seed=0"]
     finetune = run_experiment(tmp_path / "finetune", ["strategy=finetune", *settings])["task_il"]
     rwalk = run_experiment(tmp_path / "rwalk", ["strategy=rwalk", *settings])["task_il"]

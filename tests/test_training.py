@@ -1,4 +1,4 @@
-"""Training on the default stream (P1: scikit-learn's 8x8 digits, 5 tasks of 2 classes, MLP 64-256-256):
+"""Training on the default digits stream (scikit-learn's 8x8 digits, 5 tasks of 2 classes, MLP 64-256-256):
 what the strategies achieve, what a run directory holds, and one pinned exact-value regression."""
 
 from __future__ import annotations

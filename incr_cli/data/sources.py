@@ -107,7 +107,7 @@ def _digits() -> Source:
     table = np.loadtxt(Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz", delimiter=",")
     images = torch.from_numpy(table[:, :-1].astype(np.uint8)).reshape(-1, 1, 8, 8)  # values 0..16
     labels = torch.from_numpy(table[:, -1].astype(np.int64))
-    # P1: 80/20 split, stratified by class, fixed seed.
+    # 80/20 split, stratified by class, fixed seed.
     generator = torch.Generator().manual_seed(0)
     test = torch.zeros(len(labels), dtype=torch.bool)
     for label in range(10):
@@ -120,9 +120,10 @@ def _digits() -> Source:
 
 
 def synthetic(dataset: DictConfig) -> Source:
-    """Generated images of dataset.input_shape: each class a fixed random template, each image half its class's
-    template and half uniform noise. For throughput benchmarks (PROTOCOLS.md, P3:
-    CIFAR-shaped data) and tests; nothing is read from disk. Seeded by dataset.generator_seed alone."""
+    """Generated images of dataset.input_shape: each class a fixed random template, each image half its
+    class's template and half uniform noise. For throughput benchmarks (GPU throughput, ResNet-18 on
+    CIFAR-shaped data: docs/benchmarks.md) and tests; nothing is read from disk. Seeded by
+    dataset.generator_seed alone."""
     generator = torch.Generator().manual_seed(int(dataset.generator_seed or 0))
     shape = tuple(dataset.input_shape)
     templates = torch.randint(0, 256, (dataset.num_classes, *shape), generator=generator, dtype=torch.uint8)

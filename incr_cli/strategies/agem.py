@@ -39,16 +39,16 @@ class AGEM(Strategy):
     closed form (eq. 11) is g~ = g - (<g, g_ref> / <g_ref, g_ref>) g_ref when <g, g_ref> < 0 and g
     otherwise. One extra forward and backward pass per step, whatever the number of tasks; no QP.
 
-    Memory: `patterns_per_task` samples of each finished task, drawn uniformly at random from its training
-    set (as Avalanche's A-GEM, P2's reference, does). The sample is drawn without replacement, or is the
-    whole memory while that holds fewer than `sample_size` samples.
+    Memory: `patterns_per_task` samples of each finished task, drawn uniformly at random from its training set
+    (as Avalanche's A-GEM, the Split Fashion-MNIST reference, does). The sample is drawn without replacement,
+    or is the whole memory while that holds fewer than `sample_size` samples.
 
     The head grows at each task, so g_ref is recomputed from the memory at every step. Under float16 loss
     scaling g and g_ref carry the same scale s, and scaling both by s scales the update by s: the scaled
     update is the scaled projection, with no unscaling.
 
-    Defaults: patterns_per_task 100 and sample_size 256, protocol P2's settings (Avalanche's A-GEM with
-    patterns_per_exp=100, sample_size=256)."""
+    Defaults: patterns_per_task 100 and sample_size 256, the Split Fashion-MNIST benchmark's settings
+    (Avalanche's A-GEM with patterns_per_exp=100, sample_size=256)."""
 
     def __init__(self, patterns_per_task: int = 100, sample_size: int = 256):
         if patterns_per_task < 1:

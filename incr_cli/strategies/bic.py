@@ -118,8 +118,8 @@ class BiasCorrection(ExemplarDistillation):
     computed once since nothing before the correction changes; `fit_bias_correction` then takes
     `bias_epochs` full-batch Adam steps of rate `bias_lr` (250 steps at 0.01 move alpha and beta by at
     most 2.5). Public ports train (alpha, beta) for as many epochs as stage 1 (PyCIL: 250 on CIFAR-100, SGD
-    at 0.1 with its stage-1 schedule; another port: Adam at 1e-3). Defaults: T = 2 (the paper's),
-    val_fraction 0.1 (9:1), memory 2,000 exemplars on CIFAR-100 in the paper (200 here, P1), herding
+    at 0.1 with its stage-1 schedule; another port: Adam at 1e-3). Defaults: T = 2 (the paper's), val_fraction
+    0.1 (9:1), memory 2,000 exemplars on CIFAR-100 in the paper (200 here, as on the digits stream), herding
     selection (iCaRL's)."""
 
     def __init__(

@@ -73,13 +73,14 @@ class GDumb(Strategy):
     `batch_size` samples (default: the run's), with the run's augmentation. The model after task t thus
     depends only on the memory (and the random draws), never on the weights learned before.
 
-    Defaults: memory 200 (P1) / 500 (P2); the run's optimizer, batch and epochs, as Avalanche's GDumb (the
-    P2 reference), which however restores the same initial weights before every task where this draws new
-    ones. Left out: the paper's long-schedule recipe, which Mammoth's defaults give as SGD from lr 0.05 with
-    a warm-up epoch and cosine annealing with warm restarts down to 0.0005, cutmix (alpha 1) and 256
-    epochs; `epochs`, `batch_size` and the run's optimizer are the knobs that remain. The memory training
-    runs in full precision and outside the engine's non-finite guard and timers (`after_task` gets no
-    `Optimization`). Mammoth's `gdumb` fills a reservoir memory instead and trains only after the last task."""
+    Defaults: memory 200 (digits stream) / 500 (Split Fashion-MNIST); the run's optimizer, batch and epochs,
+    as Avalanche's GDumb (the Split Fashion-MNIST reference), which however restores the same initial weights
+    before every task where this draws new ones. Left out: the paper's long-schedule recipe, which Mammoth's
+    defaults give as SGD from lr 0.05 with a warm-up epoch and cosine annealing with warm restarts down to
+    0.0005, cutmix (alpha 1) and 256 epochs; `epochs`, `batch_size` and the run's optimizer are the knobs that
+    remain. The memory training runs in full precision and outside the engine's non-finite guard and timers
+    (`after_task` gets no `Optimization`). Mammoth's `gdumb` fills a reservoir memory instead and trains only
+    after the last task."""
 
     def __init__(
         self, memory: GreedyClassBalancedMemory, epochs: int | None = None, batch_size: int | None = None

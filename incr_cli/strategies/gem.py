@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     from incr_cli.engine import Optimization
 
 # Added to the diagonal of G G^T: the dual is then strictly convex, as quadprog needs, even when two memory
-# gradients are parallel or one is zero. Avalanche's GEM (the P2 reference) uses the same value.
+# gradients are parallel or one is zero. Avalanche's GEM (the Split Fashion-MNIST reference) uses the same
+# value.
 RIDGE = 1e-3
 
 
@@ -68,16 +69,16 @@ class GEM(Strategy):
     Memory: the paper keeps "a subset of the observed examples" of each task; the authors' code writes a
     task's incoming samples into a ring buffer, which ends holding (about) the last m samples it saw. Here
     M_k is exactly the last m training samples task k's batches showed, which are m random samples of its
-    training set (the last epoch visits it in a random order); Avalanche (P2's reference) keeps m random
-    samples too.
+    training set (the last epoch visits it in a random order); Avalanche (the Split Fashion-MNIST reference)
+    keeps m random samples too.
 
     The head grows at each task, so the past gradients are recomputed at every step (as the authors do)
     rather than stored. Under float16 loss scaling every gradient carries the same scale s: P and q of the
     dual scale by s^2, so v* and the margin are unchanged; only the ridge is not scale-free, so the QP's
     t x t matrices are unscaled, and g~ keeps the scale for the GradScaler to unscale and check.
 
-    Defaults: memory_strength 0.5 (the authors' run_experiments.sh on all three benchmarks, and P2);
-    patterns_per_task 100 (P2; the authors used 256)."""
+    Defaults: memory_strength 0.5 (the authors' run_experiments.sh on all three benchmarks, and Split
+    Fashion-MNIST); patterns_per_task 100 (Split Fashion-MNIST; the authors used 256)."""
 
     def __init__(self, patterns_per_task: int = 100, memory_strength: float = 0.5):
         if patterns_per_task < 1:

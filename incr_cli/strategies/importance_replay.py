@@ -39,13 +39,14 @@ class ImportanceReplay(Strategy):
     with the trained model (evaluation transform). A class that shrinks drops its least important samples,
     the ones the model has learned best, and keeps those it is forgetting or finds hard. How a new class
     enters is `admission`: `random` (default) admits a uniform random subset of its samples; `importance`
-    admits its highest-scoring ones. Measured on P2 (docs/methods.md), admitting by importance fills a
-    class with its atypical samples and collapses (0.39 against replay's 0.80), while random admission with
-    importance-based eviction stays near replay (0.78).
+    admits its highest-scoring ones. Measured on Split Fashion-MNIST (docs/methods.md), admitting by
+    importance fills a class with its atypical samples and collapses (0.39 against replay's 0.80), while
+    random admission with importance-based eviction stays near replay (0.78).
 
-    Defaults (configs/strategy/importance_replay.yaml): scoring=loss, T=4, floor=0.1, memory 200 (P1; 500 on
-    P2), replay batch equal to the training batch (as incr's replay). docs/methods.md gives the reasons and
-    the measurements behind them, including where keeping the most important samples hurts."""
+    Defaults (configs/strategy/importance_replay.yaml): scoring=loss, T=4, floor=0.1, memory 200 (digits
+    stream; 500 on Split Fashion-MNIST), replay batch equal to the training batch (as incr's replay).
+    docs/methods.md gives the reasons and the measurements behind them, including where keeping the most
+    important samples hurts."""
 
     def __init__(
         self,

@@ -56,7 +56,7 @@ class MER(Strategy):
     Defaults (configs/strategy/mer.yaml): alpha = 0.03, beta = 0.03, gamma = 1.0, k - 1 = 10 and s = 10,
     memory 200: the paper's MER (Algorithm 1) setting for MNIST Permutations with 200 memories (the
     values of the authors' released run script, github.com/mattriemer/MER, mer_examples.sh), the budget
-    closest to incr's P1 memory of 200."""
+    closest to incr's default memory of 200 on the digits stream."""
 
     supports_online = True  # learns and fills its memory batch by batch
 

@@ -16,8 +16,9 @@ class Replay(Strategy):
 
     Every training batch B is joined by a batch M drawn from the memory, and the loss is the cross-entropy
     over the joined batch: L = CE(f(B u M), y). After each task, the task's training samples are offered
-    to the memory (reservoir or class-balanced selection). Defaults: memory 200 (P1) / 500 (P2), replay
-    batch equal to the training batch (Avalanche's `batch_size_mem`, Mammoth's `minibatch_size`)."""
+    to the memory (reservoir or class-balanced selection). Defaults: memory 200 (digits stream) / 500 (Split
+    Fashion-MNIST), replay batch equal to the training batch (Avalanche's `batch_size_mem`, Mammoth's
+    `minibatch_size`)."""
 
     supports_distributed = True  # its state comes from whole tasks, never from one rank's slice
 

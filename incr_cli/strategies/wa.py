@@ -45,8 +45,8 @@ class WeightAligning(ExemplarDistillation):
     Why no biases: with them (PyCIL's port keeps them and aligns the weights only) the bias towards new
     classes settles in the biases on digits, the new weights come out no longer than the old (gamma 1.02 to
     1.07), and aligning made the head more biased (memory 200, seed 0: class-IL 0.91 -> 0.86 at the last
-    task). Defaults: T = 2, clipping on, memory 2,000 exemplars on CIFAR-100 in the paper (200 here, P1),
-    herding selection (iCaRL's exemplar management, which the paper follows)."""
+    task). Defaults: T = 2, clipping on, memory 2,000 exemplars on CIFAR-100 in the paper (200 here, as on the
+    digits stream), herding selection (iCaRL's exemplar management, which the paper follows)."""
 
     def __init__(self, memory: Memory, temperature: float = 2.0, clip_weights: bool = True):
         super().__init__(memory, temperature)
