@@ -56,7 +56,14 @@ METHODS = {
     "xder": ["strategy.memory.size=500"],
     "er_ace": ["strategy.memory.size=500"],
     "importance_replay": ["strategy.memory.size=500"],
-    "ewc": ["strategy.ewc_lambda=1000"],
+    # The reference's lambda 1000 on Avalanche's penalty, lambda * sum F d^2 with its batch-mean Fisher, is incr's
+    # (lambda / 2) * sum F d^2 at 2000 with fisher=batch (true labels, no curvature cap, as Avalanche)
+    "ewc": [
+        "strategy.ewc_lambda=2000",
+        "strategy.fisher=batch",
+        "strategy.fisher_labels=empirical",
+        "strategy.curvature_limit=none",
+    ],
     "online_ewc": [],
     "si": [],
     "mas": [],
