@@ -23,9 +23,9 @@ class ExemplarDistillation(LearningWithoutForgetting):
 
     with n old and m new classes, CE over the n + m classes seen so far and L_KD the distillation over the
     old classes at temperature T against the frozen network of the end of the previous task (LwF's frozen
-    copy, checkpointed): -sum_k softmax(o_old / T)_k log softmax(f(x)_old / T)_k. `distillation_loss` is
-    T^2 times the KL divergence; divided by T^2 it is this cross-entropy minus the soft targets' entropy, a
-    constant, so the gradients are the papers'. The memory keeps each exemplar's row in the stream's training
+    copy, checkpointed): -sum_k softmax(o_old / T)_k log softmax(f(x)_old / T)_k. `distillation_loss` (no T^2
+    factor) is the KL divergence: this cross-entropy minus the soft targets' entropy, a constant, so the
+    gradients are the papers'. The memory keeps each exemplar's row in the stream's training
     tensors (an `index` extra) so that the engine's batches can draw exemplars and new samples together;
     after each task the task's training data are offered to the memory (herding, as iCaRL's, by default)."""
 
@@ -58,7 +58,7 @@ class ExemplarDistillation(LearningWithoutForgetting):
             old_logits = self.calibrated(self.old_model(x))[:, : self.old_classes]
         distillation = distillation_loss(logits[:, : self.old_classes], old_logits, self.temperature)
         weight = self.old_classes / logits.shape[1]  # lambda = n / (n + m)
-        return weight * distillation / self.temperature**2 + (1 - weight) * loss
+        return weight * distillation + (1 - weight) * loss
 
     def remember(self, task: Task) -> None:
         rows = task.train_index
