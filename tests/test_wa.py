@@ -3,10 +3,15 @@ new classes on digits, mixed precision, and exact resume."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import assert_resumes_exactly, final_accuracy, old_class_bias, run_experiment
+from test_lwf import two_pixel_lwf
 
+from incr_cli.data.batches import Batch
+from incr_cli.memory import Memory
 from incr_cli.strategies.wa import WeightAligning, align_weights
 
 
@@ -64,3 +69,13 @@ def test_wa_resumes_exactly_after_sigterm(tmp_path):
     # steps per task with 2 epochs: 18, 32, 32, 32, 32; step 60 is in task 3: the aligned weights, the frozen
     # copy of the task-2 network and the memory (with its stream rows) must come back from the checkpoint
     assert_resumes_exactly(tmp_path, ["strategy=wa", "epochs=2"], fault="step:60:SIGTERM")
+
+
+def test_first_stage_loss_weighs_distillation_and_cross_entropy_by_the_class_shares():
+    # BiC's and WA's first stage, L = lambda * KD + (1 - lambda) * CE, lambda = old / seen classes = 2 / 3, KD
+    # the soft cross-entropy at T = 2 (the KL: the same gradients), no T^2. Same batch and networks as LwF's
+    # hand test: CE ln 3 per sample, KL batch mean (3/4 ln(3/2) - 1/4 ln 2) / 2.
+    kl = (0.75 * math.log(1.5) - 0.25 * math.log(2)) / 2
+    batch = Batch(torch.tensor([[1, 0], [0, 1]], dtype=torch.uint8).reshape(2, 1, 1, 2), torch.tensor([2, 0]))
+    wa = two_pixel_lwf(WeightAligning(Memory(10, "class_balanced")))
+    assert wa.loss(batch).item() == pytest.approx(2 / 3 * kl + 1 / 3 * math.log(3), rel=1e-6)
