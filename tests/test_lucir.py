@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import assert_resumes_exactly, run_experiment
 from omegaconf import OmegaConf
+from test_podnet import run_recording_finetuning
 from torch import nn
 
 from incr_cli.data.batches import Batch, Preprocess
@@ -234,26 +235,8 @@ def test_class_balanced_finetuning_trains_the_rows_on_the_balanced_memory(tmp_pa
     # digits, 2 tasks of 5 classes, memory 50: after the second task (not the first) one finetuning epoch
     # runs over the memory alone, 5 exemplars of each of the 10 classes, and changes only the classifier's
     # rows (old ones included), not the backbone nor sigma (the authors' ft_flag 2).
-    seen, calls = [], []
-    loss, finetuning = LUCIR.loss, LUCIR.balanced_finetuning
-
-    def recording_loss(self, batch):
-        if calls and calls[-1]["running"]:
-            seen.append(batch.y.clone())
-        return loss(self, batch)
-
-    def recording_finetuning(self):
-        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        calls.append({"running": True, "task": self.model.head.n_classes})
-        finetuning(self)
-        calls[-1].update(running=False, before=state, after=self.model.state_dict())
-
-    monkeypatch.setattr(LUCIR, "loss", recording_loss)
-    monkeypatch.setattr(LUCIR, "balanced_finetuning", recording_finetuning)
-    run_experiment(tmp_path, ["strategy=lucir", "strategy.memory.size=50", "strategy.finetune_epochs=1",
-                              "dataset.n_tasks=2", "epochs=1", "hardware=cpu"])  # fmt: skip
-    assert [call["task"] for call in calls] == [10]
-    labels = torch.cat(seen)
+    calls, labels = run_recording_finetuning(tmp_path, monkeypatch, [], LUCIR, "lucir", epochs=1)
+    assert [call["classes"] for call in calls] == [10]
     assert torch.equal(torch.bincount(labels, minlength=10), torch.full((10,), 5))
     before, after = calls[0]["before"], calls[0]["after"]
     changed = {k for k in before if not torch.equal(before[k], after[k])}

@@ -137,11 +137,14 @@ def test_old_proxies_stay_frozen_while_new_proxies_train():
     )
 
 
-def run_recording_finetuning(tmp_path, monkeypatch, overrides: list[str]) -> tuple[list[dict], torch.Tensor]:
-    """A digits run of 2 tasks of 5 classes, memory 50, one epoch a task: each call of the finetuning stage
-    (the classes seen, the model before and after) and the labels of the batches it trained on."""
+def run_recording_finetuning(
+    tmp_path, monkeypatch, overrides: list[str], strategy=PODNet, name: str = "podnet", epochs: int = 2
+) -> tuple[list[dict], torch.Tensor]:
+    """A digits run of `strategy` (PODNet, or LUCIR which shares the stage), 2 tasks of 5 classes, memory 50,
+    one epoch a task, `epochs` of finetuning: each call of the finetuning stage (the classes seen, the model
+    before and after) and the labels of the batches it trained on."""
     seen, calls = [], []
-    loss, finetuning = PODNet.loss, PODNet.balanced_finetuning
+    loss, finetuning = strategy.loss, strategy.balanced_finetuning
 
     def recording_loss(self, batch):
         if calls and calls[-1]["running"]:
@@ -154,9 +157,9 @@ def run_recording_finetuning(tmp_path, monkeypatch, overrides: list[str]) -> tup
         finetuning(self)
         calls[-1].update(running=False, before=state, after=self.model.state_dict())
 
-    monkeypatch.setattr(PODNet, "loss", recording_loss)
-    monkeypatch.setattr(PODNet, "balanced_finetuning", recording_finetuning)
-    run_experiment(tmp_path, ["strategy=podnet", "strategy.memory.size=50", "strategy.finetune_epochs=2",
+    monkeypatch.setattr(strategy, "loss", recording_loss)
+    monkeypatch.setattr(strategy, "balanced_finetuning", recording_finetuning)
+    run_experiment(tmp_path, [f"strategy={name}", "strategy.memory.size=50", f"strategy.finetune_epochs={epochs}",
                               "dataset.n_tasks=2", "epochs=1", "hardware=cpu", *overrides])  # fmt: skip
     return calls, torch.cat(seen)
 
