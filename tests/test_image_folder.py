@@ -74,8 +74,10 @@ def load(folder: Path, data_root: Path, *overrides: str):
     return load_source("image_folder", data, dataset), dataset
 
 
-DIGIT_RUN = ["dataset=image_folder", "dataset.image_size=12", "dataset.channels=1", "dataset.n_tasks=3",
-             "strategy=replay", "epochs=5"]  # fmt: skip
+# the digits recipe (MLP), not image_folder's ResNet-18 for photos, and no crop or flip on digits
+DIGIT_RUN = ["dataset=image_folder", "recipe=digits", "dataset.augment.crop_padding=0",
+             "dataset.augment.horizontal_flip=false", "dataset.image_size=12", "dataset.channels=1",
+             "dataset.n_tasks=3", "strategy=replay", "epochs=5"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -143,7 +143,8 @@ def test_folder_domains_make_one_task_per_sub_folder(tmp_path):
             folder.mkdir(parents=True)
             for i, image in enumerate(pixels[source.train_y == label][:60]):
                 Image.fromarray((image[0].numpy().astype("uint8") * 15), "L").save(folder / f"{i}.png")
-    settings = ["dataset=image_folder", f"dataset.folder={tmp_path / 'images'}", "dataset.channels=1",
+    settings = ["dataset=image_folder", "recipe=digits", "dataset.augment.crop_padding=0",
+                "dataset.augment.horizontal_flip=false", f"dataset.folder={tmp_path / 'images'}", "dataset.channels=1",
                 "dataset.image_size=8", "dataset.scenario=domain_il", "dataset.domains=folders",
                 "dataset.n_tasks=2", f"data.root={tmp_path / 'cache'}", "strategy=replay", *FAST]  # fmt: skip
     metrics = run_experiment(tmp_path / "run", settings)
