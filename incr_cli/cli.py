@@ -19,45 +19,40 @@ def train(argv: list[str]) -> int:
     except ConfigError as error:
         fail(str(error))
         return 2
-    run_hydra(argv)
-    return 0
+    return run_hydra(argv)
 
 
 def resume(argv: list[str]) -> int:
-    """`incr resume RUN_DIR [OVERRIDES]`: the run's own overrides, plus result-neutral ones, with resume=true."""
+    """`incr resume RUN_DIR [OVERRIDES]`: the run's own overrides, plus result-neutral ones (and
+    train.on_nonfinite), with resume=true."""
     from pathlib import Path
 
     from omegaconf import OmegaConf
 
-    from incr_cli.checkpoint import RESULT_NEUTRAL_KEYS
+    from incr_cli.engine import RESUME_MAY_CHANGE
+    from incr_cli.precheck import override_key
 
     if not argv or argv[0].startswith("-"):
         print("usage: incr resume RUN_DIR [OVERRIDES]\n\ncontinue a killed or interrupted run from its last "
-              f"good checkpoint; OVERRIDES may only set: {', '.join(RESULT_NEUTRAL_KEYS)}")  # fmt: skip
+              f"good checkpoint; OVERRIDES may only set: {', '.join(RESUME_MAY_CHANGE)}")  # fmt: skip
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     run_dir, overrides = Path(argv[0]), argv[1:]
     saved = run_dir / ".hydra" / "overrides.yaml"
     if not saved.is_file():
         fail(f"{run_dir} is not an incr run directory (no .hydra/overrides.yaml)")
         return 2
-    new_keys = {_override_key(o) for o in overrides}
+    new_keys = {override_key(o) for o in overrides}
     for key in new_keys:
-        if key not in RESULT_NEUTRAL_KEYS:
-            fail(
-                f"{key} would change the run's results; resume accepts only: {', '.join(RESULT_NEUTRAL_KEYS)}"
-            )
+        if key not in RESUME_MAY_CHANGE:
+            fail(f"{key} would change the run's results; resume accepts only: {', '.join(RESUME_MAY_CHANGE)}")
             return 2
     original = [
-        o for o in OmegaConf.load(saved) if _override_key(o) not in new_keys | {"resume", "hydra.run.dir"}
+        o for o in OmegaConf.load(saved) if override_key(o) not in new_keys | {"resume", "hydra.run.dir"}
     ]
     # The run's .hydra/ files stay as the original command wrote them.
     return train(
         [*original, *overrides, "resume=true", f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"]
     )
-
-
-def _override_key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
 
 
 def report(argv: list[str]) -> int:

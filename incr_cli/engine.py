@@ -40,6 +40,17 @@ CHANCE_MARGIN = 0.05
 LOSS_DROP = 0.01
 
 
+# What a resume may change: the result-neutral keys, and the non-finite policy, which changes nothing before
+# the non-finite loss it is changed to get past (`incr resume RUN_DIR train.on_nonfinite=skip_batch`).
+RESUME_MAY_CHANGE = (*checkpoint.RESULT_NEUTRAL_KEYS, "train.on_nonfinite")
+
+
+def resume_hash(config: dict) -> str:
+    """The config hash less `train.on_nonfinite` as well: the same for a run and any resumption of it."""
+    train = {key: value for key, value in config.get("train", {}).items() if key != "on_nonfinite"}
+    return checkpoint.config_hash({**config, "train": train})
+
+
 class NonFiniteLoss(RuntimeError):
     """A NaN or infinite loss with train.on_nonfinite=stop."""
 
@@ -223,10 +234,12 @@ class Run:
         if state is None:
             log.warning("no usable checkpoint in %s: starting from the beginning", self.checkpoints)
             return
-        if state["config_hash"] != self.config_hash:
+        if state["config_hash"] != self.config_hash and (
+            "config" not in state or resume_hash(state["config"]) != resume_hash(self.config)
+        ):
             raise ConfigError(
                 f"{path} was written by a different experiment (config hash {state['config_hash']}, now "
-                f"{self.config_hash}); resume may only change {', '.join(checkpoint.RESULT_NEUTRAL_KEYS)}"
+                f"{self.config_hash}); resume may only change {', '.join(RESUME_MAY_CHANGE)}"
             )
         self.strategy.restore_structure(state["strategy"])  # a grown network takes its saved shape first
         self.model.load_state_dict(state["model"])
@@ -582,9 +595,9 @@ class Run:
         self.metrics["run"]["status"] = "interrupted"
         self.write_results()
         name = signal.Signals(self._signal).name
+        # the command that continues is the caller's to add: one run's, or its whole sweep's
         raise Interrupted(f"{name} received: checkpoint saved at task {self.position.task + 1}, epoch "
-                          f"{self.position.epoch + 1}, batch {self.position.batch}; continue with: "
-                          f"incr resume {self.run_dir}", self._signal)  # fmt: skip
+                          f"{self.position.epoch + 1}, batch {self.position.batch}", self._signal)  # fmt: skip
 
     def _checkpoint_due(self) -> bool:
         every_steps, every_seconds = self.cfg.checkpoint.every_steps, self.cfg.checkpoint.every_seconds

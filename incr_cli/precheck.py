@@ -31,7 +31,7 @@ def _hydra_setting(argv: list[str], key: str) -> str | None:
 def job_overrides(argv: list[str]) -> list[list[str]] | None:
     """The override list of every job the command would run; None when it only inspects."""
     if INSPECTION_FLAGS & set(argv):
-        if {"-m", "--multirun"} & set(argv) and {"--cfg", "-c", "--info", "-i"} & set(argv):
+        if _multirun(argv) and {"--cfg", "-c", "--info", "-i"} & set(argv):
             raise ConfigError("--cfg/--info show one job's config: drop -m (--multirun) to inspect it")
         return None
     args = get_args_parser().parse_args(argv)
@@ -60,8 +60,9 @@ def check_command(argv: list[str]) -> None:
         return
     register_schema()
     GlobalHydra.instance().clear()
+    saved: dict[int, Path] | None = None  # the config files of the run or sweep that resume=true continues
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
-        for overrides in jobs:
+        for number, overrides in enumerate(jobs):
             try:
                 cfg = compose("train", overrides=overrides)
             except MissingConfigException as error:
@@ -73,29 +74,71 @@ def check_command(argv: list[str]) -> None:
             )  # as the run's .hydra/config.yaml holds it, before check_config fills in
             check_config(cfg)  # values found on disk (dataset=image_folder's num_classes and input_shape)
             if cfg.resume:
-                _check_resumable(argv, composed)
+                saved = _saved_configs(argv) if saved is None else saved
+                _check_resumable(saved.get(number), composed, _multirun(argv))
     GlobalHydra.instance().clear()
 
 
-def _check_resumable(argv: list[str], composed: dict) -> None:
-    """resume=true needs the run's own folder, and refuses a config that would change its results; checked
-    here because Hydra rewrites the folder's .hydra/ files as soon as it starts."""
-    multirun = "-m" in argv or "--multirun" in argv
+def _saved_configs(argv: list[str]) -> dict[int, Path]:
+    """The .hydra/config.yaml of each job in the folder that resume=true names, by job number (a single run is
+    job 0). Read before Hydra starts, because Hydra rewrites a folder's .hydra/ files as soon as it does."""
+    multirun = _multirun(argv)
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     folder = _hydra_setting(argv, key)
     if folder is None:
-        raise ConfigError(
-            f"resume=true needs {key}=<the folder of the run to continue> (or: incr resume RUN_DIR)"
-        )
-    saved = Path(folder) / ".hydra" / "config.yaml"
-    if multirun or not saved.is_file():
-        return
-    from incr_cli.checkpoint import RESULT_NEUTRAL_KEYS, config_hash
+        what = "sweep to continue>" if multirun else "run to continue> (or: incr resume RUN_DIR)"
+        raise ConfigError(f"resume=true needs {key}=<the folder of the {what}")
+    if not multirun:
+        saved = Path(folder) / ".hydra" / "config.yaml"
+        return {0: saved} if saved.is_file() else {}
+    # a job's number is its place in the sweep; Hydra names its folder from it (hydra.sweep.subdir)
+    return {
+        OmegaConf.load(hydra_file).hydra.job.num: hydra_file.with_name("config.yaml")
+        for hydra_file in Path(folder).glob("*/.hydra/hydra.yaml")
+        if hydra_file.with_name("config.yaml").is_file()
+    }
 
-    if config_hash(to_container(OmegaConf.load(saved))) != config_hash(composed):
+
+def _check_resumable(saved: Path | None, composed: dict, multirun: bool) -> None:
+    """resume=true refuses a config that would change the results of the run it continues."""
+    if saved is None:  # nothing ran there yet: the run starts from the beginning
+        return
+    from incr_cli.engine import RESUME_MAY_CHANGE, resume_hash
+
+    if resume_hash(to_container(OmegaConf.load(saved))) != resume_hash(composed):
+        sweep = " (a sweep resumes with the command that started it, plus resume=true)" if multirun else ""
         raise ConfigError(
-            f"{folder} was made with a different config; resume may only change: {', '.join(RESULT_NEUTRAL_KEYS)}"
+            f"{saved.parent.parent} was made with a different config{sweep}; resume may only change: "
+            f"{', '.join(RESUME_MAY_CHANGE)}"
         )
+
+
+def sweep_dir(argv: list[str]) -> Path | None:
+    """The folder a training sweep (-m) writes its jobs into; None when the command is no sweep or only
+    inspects. hydra.sweep.dir when the command sets it, else the configured one (a timestamp) resolved now, for
+    run_hydra to hand to Hydra, so that the folder is known when the sweep ends."""
+    jobs = job_overrides(argv)
+    if jobs is None or not _multirun(argv):
+        return None
+    given = _hydra_setting(argv, "hydra.sweep.dir")
+    if given is not None:
+        return Path(given)
+    register_schema()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(config_dir()), version_base="1.3"):
+            return Path(compose("train", overrides=jobs[0], return_hydra_config=True).hydra.sweep.dir)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _multirun(argv: list[str]) -> bool:
+    return "-m" in argv or "--multirun" in argv
+
+
+def override_key(override: str) -> str:
+    """The dotted key an override sets: `+strategy.x=1` -> strategy.x."""
+    return override.split("=", 1)[0].lstrip("+~")
 
 
 def _unknown_choice(error: MissingConfigException) -> str:
