@@ -51,8 +51,9 @@ class DatasetConfig:
     domain_seed: int = 0
     rotation_degrees: list[float] | None = None
     normalize: bool = False
-    mean: list[float] = field(default_factory=lambda: [0.0])
-    std: list[float] = field(default_factory=lambda: [1.0])
+    # null (dataset=image_folder only): the training images' own, filled in when the folder is loaded
+    mean: list[float] | None = field(default_factory=lambda: [0.0])
+    std: list[float] | None = field(default_factory=lambda: [1.0])
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # dataset=image_folder only (configs/dataset/image_folder.yaml documents them); null for the other data sets
     folder: str | None = None
@@ -453,11 +454,15 @@ def check_stream(dataset: DictConfig) -> None:
         raise ConfigError(f"dataset.val_fraction={dataset.val_fraction} must be in [0, 1)")
     channels = dataset.input_shape[0]
     for key in ("mean", "std"):
-        if len(dataset[key]) not in (1, channels):
+        if dataset[key] is None:  # dataset=image_folder computes it from the training images when loading
+            if dataset.name != "image_folder":
+                raise ConfigError(f"dataset.{key}=null (computed from the training images) is for "
+                                  f"dataset=image_folder; give {dataset.name}'s values (one, or one per channel)")  # fmt: skip
+        elif len(dataset[key]) not in (1, channels):
             raise ConfigError(
                 f"dataset.{key}={list(dataset[key])} needs 1 or {channels} values (one per channel)"
             )
-    if any(s <= 0 for s in dataset.std):
+    if any(s <= 0 for s in dataset.std or []):
         raise ConfigError(f"dataset.std={list(dataset.std)} must be positive")
     augment = dataset.augment
     if (

@@ -180,12 +180,14 @@ class Run:
 
     def __init__(self, cfg: DictConfig, run_dir: Path, names: dict[str, str]):
         self.cfg, self.run_dir, self.names = cfg, run_dir, names
-        self.config = to_container(cfg)
-        self.config_hash = checkpoint.config_hash(self.config)
+        self.config_hash = checkpoint.config_hash(to_container(cfg))
         self.hardware = setup_hardware(cfg.hardware)
         seed_everything(cfg.seed)
         device = self.hardware.device
         source = load_source(cfg.dataset.name, cfg.data, cfg.dataset)
+        # the config as trained, with what loading filled in (dataset=image_folder's computed mean and std):
+        # checkpoints carry it to `incr eval` and `incr predict`; the hash above is of the config as given
+        self.config = to_container(cfg)
         self.stream: Stream = build_stream(source, cfg.dataset).to(device)
         backbone = instantiate(cfg.model, input_shape=tuple(cfg.dataset.input_shape))
         self.model = IncrementalNet(backbone, self.stream.n_classes).to(device)

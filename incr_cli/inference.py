@@ -130,6 +130,9 @@ def load(path: Path, device: str | torch.device = "cpu") -> Loaded:
             f"{path}: cannot rebuild its model or strategy ({error})".splitlines()[0]
         ) from None
     model = IncrementalNet(backbone, len(state["class_names"])).to(device)
+    if cfg.dataset.get("normalize") and None in (cfg.dataset.get("mean"), cfg.dataset.get("std")):
+        # training fills a null mean and std in before its first checkpoint; a config without them is not a run's
+        raise InferenceError(f"{path} holds no normalisation values (dataset.mean, dataset.std): train again")
     preprocess = Preprocess(cfg.dataset, max_value, device)
     stream = stream_outline(tasks, state["class_names"], input_shape, max_value, device)
     rng = torch.Generator(device=device).manual_seed(int(cfg.seed))
@@ -215,6 +218,8 @@ def eval_config(loaded: Loaded, overrides: Sequence[str]) -> DictConfig:
             if cfg.dataset.name == "image_folder" and not given & {"dataset.image_size", "dataset.channels"}:
                 channels, height, width = loaded.input_shape
                 cfg.dataset.image_size, cfg.dataset.channels = [height, width], channels
+            for key in ("normalize", "mean", "std"):  # the model's own (its preprocessing is what evaluates):
+                cfg.dataset[key] = loaded.cfg.dataset[key]  # nothing computed from the test data set's images
     dotted = []
     for key, _, override in parsed:
         if key == "dataset":

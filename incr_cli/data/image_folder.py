@@ -147,8 +147,11 @@ def check_folder_domains(dataset: DictConfig) -> None:
 
 
 def load_folder_domains(dataset: DictConfig, data: DictConfig) -> Source:
-    """Each domain folder loaded as an image folder (cached alike); the domain of a sample is its task."""
-    parts = [load_image_folder(_domain(dataset, folder), data) for folder in domain_folders(dataset)]
+    """Each domain folder loaded as an image folder (cached alike); the domain of a sample is its task. A null
+    dataset.mean or std is computed over the training images of every domain together."""
+    loaded = [_load(_domain(dataset, folder), data) for folder in domain_folders(dataset)]
+    parts = [source for source, _ in loaded]
+    fill_normalization(dataset, add_pixel_sums([sums for _, sums in loaded]))
     train_domain = torch.cat([torch.full((len(p.train_y),), k) for k, p in enumerate(parts)])
     test_domain = torch.cat([torch.full((len(p.test_y),), k) for k, p in enumerate(parts)])
     return Source(
@@ -160,10 +163,18 @@ def load_folder_domains(dataset: DictConfig, data: DictConfig) -> Source:
 
 def load_image_folder(dataset: DictConfig, data: DictConfig) -> Source:
     """The folder's images as uint8 [N, C, H, W] and int64 labels, from the cache when the files are unchanged.
+    A null dataset.mean or std is filled in with the training images' own (`fill_normalization`).
 
     Above dataset.memory_map_gb of decoded pixels, the images are decoded straight into .npy files beside the
     cache and memory-mapped: a batch, a memory update or an evaluation reads only its rows from disk, through
     the same index slices as the in-memory path, so a folder larger than the RAM trains on the CPU."""
+    source, sums = _load(dataset, data)
+    fill_normalization(dataset, sums)
+    return source
+
+
+def _load(dataset: DictConfig, data: DictConfig) -> tuple[Source, dict]:
+    """The folder as a Source, and the per-channel pixel sums of its training images (cached with them)."""
     plan = check_image_folder(dataset)
     listing = plan.listing
     cache = _cache_path(Path(str(data.root)).expanduser(), plan)
@@ -173,18 +184,24 @@ def load_image_folder(dataset: DictConfig, data: DictConfig) -> Source:
     state = _read_cache(cache)
     if state is None:
         state = _decode(plan, cache if mapped else None)
-        _write_cache(cache, state)
         where = f"decoded; cached in {cache}"
     else:
         where = f"read from the cache {cache}"
-    if isinstance(state["train_x"], str):  # memory-mapped: the cache names the .npy files
+    stored = state  # as the cache holds it: memory-mapped splits by their .npy file names
+    if isinstance(state["train_x"], str):
         state = {**state, **{k: _mapped(cache.parent / state[k]) for k in ("train_x", "test_x")}}
         where += " (memory-mapped from disk)"
+    if "pixel_sums" not in state:  # once per cache: after decoding, or added to a cache written without them
+        state["pixel_sums"] = stored["pixel_sums"] = pixel_sums(state["train_x"])
+        _write_cache(cache, stored)
     skipped = state["skipped"]
     if skipped and plan.on_bad_file == "stop":  # a cache written by an earlier run with on_bad_file=skip
         raise _unreadable(listing.root / skipped[0][0], skipped[0][1])
     _log_report(plan, state, where)
-    return Source(state["train_x"], state["train_y"], state["test_x"], state["test_y"], list(listing.classes))
+    source = Source(
+        state["train_x"], state["train_y"], state["test_x"], state["test_y"], list(listing.classes)
+    )
+    return source, state["pixel_sums"]
 
 
 # ------------------------------------------------------------------------------------------------ listing
@@ -423,6 +440,70 @@ def _hold_out(labels: np.ndarray, good: np.ndarray, test_fraction: float) -> tup
 def _unreadable(path: Path, reason: str) -> ConfigError:
     return ConfigError(f"{path} cannot be read as an image ({reason}); fix or remove it, or set "
                        "dataset.on_bad_file=skip to leave it out")  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ normalisation
+def pixel_sums(images: torch.Tensor | np.ndarray, chunk_bytes: int = 1 << 25) -> dict:
+    """The number of uint8 images [N, C, H, W], and per channel the number of pixels, their sum and their sum
+    of squares.
+    Integers, so exact at any size; read a chunk of rows at a time, so that a memory-mapped split larger than
+    the RAM is never held whole."""
+    array = images.numpy() if isinstance(images, torch.Tensor) else images
+    n, channels = array.shape[:2]
+    rows = max(1, chunk_bytes // max(1, math.prod(array.shape[1:])))
+    total, squares = np.zeros(channels, dtype=np.int64), np.zeros(channels, dtype=np.int64)
+    for first in range(0, n, rows):
+        block = np.asarray(array[first : first + rows], dtype=np.uint16)
+        total += block.sum(axis=(0, 2, 3), dtype=np.int64)
+        squares += (block * block).sum(axis=(0, 2, 3), dtype=np.int64)  # 255 ** 2 fits in 16 bits
+    return {
+        "images": n,
+        "count": n * math.prod(array.shape[2:]),
+        "sum": total.tolist(),
+        "sum_squares": squares.tolist(),
+    }
+
+
+def add_pixel_sums(parts: list[dict]) -> dict:
+    """The sums of several folders' training images together (dataset.domains=folders)."""
+    return {
+        "images": sum(p["images"] for p in parts),
+        "count": sum(p["count"] for p in parts),
+        "sum": [sum(values) for values in zip(*(p["sum"] for p in parts), strict=True)],
+        "sum_squares": [sum(values) for values in zip(*(p["sum_squares"] for p in parts), strict=True)],
+    }
+
+
+def channel_mean_std(sums: dict, max_value: int = 255) -> tuple[list[float], list[float]]:
+    """Per-channel mean and (population) standard deviation of the pixels scaled to [0, 1], as the
+    preprocessing scales them before normalising. The variance is formed in integers: no cancellation."""
+    count = sums["count"]
+    mean = [total / count / max_value for total in sums["sum"]]
+    std = [math.sqrt(count * squares - total * total) / count / max_value
+           for total, squares in zip(sums["sum"], sums["sum_squares"], strict=True)]  # fmt: skip
+    return mean, std
+
+
+def fill_normalization(dataset: DictConfig, sums: dict) -> None:
+    """dataset.mean and dataset.std left null are set to the training images' per-channel values; given ones
+    are kept. Written into the config, so the run's checkpoint carries them to `incr eval` and `incr predict`.
+    A channel whose pixels are all equal has no spread to divide by: its std is 1."""
+    if dataset.get("mean") is not None and dataset.get("std") is not None:
+        return
+    mean, std = channel_mean_std(sums)
+    constant = [c for c, s in enumerate(std) if s == 0]
+    std = [s or 1.0 for s in std]
+    filled = [key for key in ("mean", "std") if dataset.get(key) is None]
+    if "mean" in filled:
+        dataset.mean = mean
+    if "std" in filled:
+        dataset.std = std
+    if not dataset.get("normalize"):
+        return
+    log.info("normalisation computed from the %d training images (dataset.%s=null): dataset.mean=[%s] "
+             "dataset.std=[%s] (per channel, pixels in [0, 1])%s", sums["images"], "/".join(filled),
+             ", ".join(f"{v:.4f}" for v in dataset.mean), ", ".join(f"{v:.4f}" for v in dataset.std),
+             f"; channel(s) {constant} hold one value: std 1 there" if constant and "std" in filled else "")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ cache
