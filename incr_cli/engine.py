@@ -22,7 +22,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from incr_cli import checkpoint, distributed, faults, metrics, plots
+from incr_cli import checkpoint, distributed, estimate, faults, metrics, plots
 from incr_cli.config import ConfigError, to_container
 from incr_cli.console import TrainingProgress, accuracy_table, console, summary_table, training_warnings
 from incr_cli.data.batches import DeviceBatches, Preprocess, eval_batches
@@ -267,6 +267,11 @@ class Run:
             log.info("this run already finished; nothing to do")
             self.loggers.close()
             return self.metrics
+        estimate.warn_if_long_on_cpu(
+            self.model, stream, self.preprocess, self.make_optimizer, batch_size=self.cfg.batch_size,
+            epochs=self.epochs, next_task=self.position.task, done_steps=self.position.step,
+            autocast=self.hardware.autocast, compiled=self.cfg.hardware.compile,
+        )  # fmt: skip
         if not self.metrics["class_il"]["initial_accuracy"]:
             class_il, task_il, _ = self.evaluate(n_seen=0)
             self.metrics["class_il"]["initial_accuracy"] = class_il
