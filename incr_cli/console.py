@@ -9,6 +9,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from incr_cli.metrics import shown_accuracy
+
 console = Console(stderr=False)
 errors = Console(stderr=True)
 
@@ -55,6 +57,16 @@ class TrainingProgress:
         if self._progress:
             self._progress.update(self._batches, advance=1, speed=f"{samples_per_second:,.0f} samples/s")
 
+    # A bar counts what is finished: without these, the last epoch and the last task would show N-1/N while
+    # the task is evaluated and when the run ends.
+    def end_epoch(self, epochs_done: int) -> None:
+        if self._progress:
+            self._progress.update(self._epochs, completed=epochs_done)
+
+    def end_task(self, tasks_done: int) -> None:
+        if self._progress:
+            self._progress.update(self._tasks, completed=tasks_done)
+
 
 def accuracy_table(matrix: list[list[float]], title: str) -> Table:
     n_tasks = len(matrix[0]) if matrix else 0
@@ -71,8 +83,14 @@ def accuracy_table(matrix: list[list[float]], title: str) -> Table:
 
 
 def summary_table(metrics: dict) -> Table:
-    class_il, final = metrics["class_il"], metrics["final"]
-    table = Table(title=f"{metrics['run']['strategy']} on {metrics['run']['dataset']}", title_justify="left")
+    """The end-of-run figures of the run's own scenario (task-IL for a task-IL run), named in the title."""
+    matrix, label = shown_accuracy(metrics)
+    shown, final = metrics[matrix], metrics["final"]
+    run = metrics["run"]
+    table = Table(title=f"{run['strategy']} on {run['dataset']}: {label}", title_justify="left")
+    if matrix == "task_il":
+        table.caption = "F1: of the class-IL predictions (there is no task-IL F1)"
+        table.caption_justify = "left"
     for column in ("final avg acc", "avg incr acc", "forgetting", "BWT", "FWT (task-IL)", "F1", "seconds"):
         table.add_column(column, justify="right")
 
@@ -80,8 +98,8 @@ def summary_table(metrics: dict) -> Table:
         return "-" if value is None else f"{value:.4f}"
 
     table.add_row(
-        show(class_il["final_average_accuracy"]), show(class_il["average_incremental_accuracy"]),
-        show(class_il["average_forgetting"]), show(class_il["bwt"]), show(metrics["task_il"]["fwt"]),
+        show(shown["final_average_accuracy"]), show(shown["average_incremental_accuracy"]),
+        show(shown["average_forgetting"]), show(shown["bwt"]), show(metrics["task_il"]["fwt"]),
         show(final.get("f1")), f"{metrics['wall_seconds']:.1f}",
     )  # fmt: skip
     return table

@@ -381,6 +381,7 @@ class Run:
             if scheduler is not None:
                 scheduler.step()
             position.epoch += 1
+            self.progress.end_epoch(position.epoch)
             position.batch = 0
             position.epoch_loss = 0.0
             position.head_loss = position.tail_start_loss = None
@@ -397,6 +398,7 @@ class Run:
         timing["parameters"], timing["model_bytes"] = model_size(self.model)
         timing["warnings"] = self.training_warnings(task, task_il, task_loss if n_batches else None)
         self.record(class_il, task_il, final)
+        self.progress.end_task(task.id + 1)
         for warning in timing["warnings"]:
             log.warning(warning)
         self.log_task(task.id, position.step)
@@ -537,9 +539,8 @@ class Run:
         m["peak_memory_bytes"] = self._peak_memory()
         step = len(m["class_il"]["accuracy_matrix"])
         if self.writes:
-            console.print(
-                accuracy_table(m["class_il"]["accuracy_matrix"], f"class-IL accuracy after task {step}")
-            )
+            shown, label = metrics.shown_accuracy(m)
+            console.print(accuracy_table(m[shown]["accuracy_matrix"], f"{label} after task {step}"))
         log.info("task %d: average accuracy %.4f (class-IL), %.4f (task-IL); %.1f s training, %.0f samples/s",
                  step, m["class_il"]["average_accuracy"][-1], m["task_il"]["average_accuracy"][-1],
                  m["per_task"][-1]["train_seconds"], m["per_task"][-1]["samples_per_second"])  # fmt: skip
@@ -550,12 +551,14 @@ class Run:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
     def write_results(self, plots_too: bool = False) -> None:
-        """metrics.json and accuracy_matrix.csv after every task; the plots at the end (matplotlib is slow)."""
+        """metrics.json and accuracy_matrix.csv after every task; the plots at the end (matplotlib is slow).
+        The CSV and the plots hold the scenario's own matrix (task-IL for a task-IL run); metrics.json both."""
         if not self.writes:
             return
         m = self.metrics
         checkpoint.write_json(self.run_dir / "metrics.json", m)
-        matrix = m["class_il"]["accuracy_matrix"]
+        shown, label = metrics.shown_accuracy(m)
+        matrix = m[shown]["accuracy_matrix"]
         if not matrix:
             return
         header = "after_task," + ",".join(f"task_{j + 1}" for j in range(len(matrix[0])))
@@ -566,11 +569,8 @@ class Run:
         if not plots_too:
             return
         title = f"{m['run']['strategy']} on {m['run']['dataset']}, seed {m['run']['seed']}"
-        plots.plot_accuracy_matrix(
-            matrix, self.run_dir / "accuracy_matrix.png", f"class-IL accuracy: {title}"
-        )
-        curves = {"class-IL": m["class_il"]["average_accuracy"], "task-IL": m["task_il"]["average_accuracy"]}
-        plots.plot_average_accuracy(curves, self.run_dir / "average_accuracy.png", title)
+        plots.plot_accuracy_matrix(matrix, self.run_dir / "accuracy_matrix.png", f"{label}: {title}")
+        plots.plot_average_accuracy(plots.run_curves(m), self.run_dir / "average_accuracy.png", title)
 
     # ----------------------------------------------------------------- checkpoints and signals
     @contextmanager

@@ -96,3 +96,24 @@ def summarize(matrix: Matrix, initial: Sequence[float]) -> dict[str, float | lis
         "bwt": backward_transfer(matrix),
         "fwt": forward_transfer(matrix, initial),
     }
+
+
+def scenario_matrix(scenario: str) -> str:
+    """The metrics.json matrix that is a scenario's own figure: `task_il` for task-IL; `class_il` for class-IL
+    and for domain-IL, where every task holds every class, so the argmax over all of them is the domain-IL
+    accuracy. Both matrices are always stored."""
+    return "task_il" if scenario == "task_il" else "class_il"
+
+
+def matrix_label(scenario: str, matrix: str) -> str:
+    """What `matrix` ("class_il" or "task_il") measures in a run of `scenario`, as figures and tables name it."""
+    if matrix == "class_il" and scenario == "domain_il":
+        return "domain-IL accuracy"
+    return "task-IL accuracy" if matrix == "task_il" else "class-IL accuracy"
+
+
+def shown_accuracy(run_metrics: dict) -> tuple[str, str]:
+    """The matrix key and label that a run's tables, plots, CSV and summary show: its scenario's own."""
+    scenario = run_metrics["run"].get("scenario", "class_il")  # older metrics.json: class-IL only
+    matrix = scenario_matrix(scenario)
+    return matrix, matrix_label(scenario, matrix)

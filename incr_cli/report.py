@@ -3,7 +3,9 @@ data set (rich on the terminal; report.md, report.csv, report.json) and figures 
 
 Runs are grouped when their composed configs (`.hydra/config.yaml`) are equal once `seed` and the
 result-neutral keys are set aside; a group's figure is the mean and the sample standard deviation (n - 1) over
-its seeds. Runs that did not finish are listed on their own and never enter a mean."""
+its seeds. A run found twice (a folder given twice, a copy of a run directory: the same config and seed)
+counts once, with a note. Runs that did not finish are listed on their own and never enter a mean. Each table
+shows its scenario's own accuracy (task-IL for task-IL runs) unless `--scenario` chooses one matrix for all."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from rich.table import Table
 from incr_cli import plots
 from incr_cli.checkpoint import RESULT_NEUTRAL_KEYS, config_hash
 from incr_cli.console import console
+from incr_cli.metrics import matrix_label, scenario_matrix
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,10 @@ class RunDir:
         return self.metrics is not None and self.metrics["run"]["status"] == "finished"
 
     @property
+    def scenario(self) -> str:
+        return (self.metrics or {}).get("run", {}).get("scenario", "class_il")
+
+    @property
     def seed(self) -> int:
         return int(self.config.get("seed", 0))
 
@@ -103,6 +110,13 @@ class Group:
     overrides: list[str]  # the command-line overrides its runs share, seed aside
     runs: list[RunDir] = field(default_factory=list)
 
+    def matrix(self, chosen: str | None) -> tuple[str, str]:
+        """The metrics.json matrix its figures come from and its label: `chosen` (`--scenario`), or else
+        the runs' own scenario's (task-IL for task-IL runs, class-IL for class-IL and domain-IL)."""
+        scenario = self.runs[0].scenario
+        matrix = chosen or scenario_matrix(scenario)
+        return matrix, matrix_label(scenario, matrix)
+
     def figures(self, columns: list[str], scenario: str) -> dict[str, dict]:
         result = {}
         for key in columns:
@@ -136,6 +150,30 @@ def find_runs(folders: list[Path]) -> list[RunDir]:
     return list(found.values())
 
 
+def drop_duplicates(runs: list[RunDir]) -> tuple[list[RunDir], list[tuple[RunDir, RunDir]]]:
+    """One run per resolved config and seed (the config hash of checkpoints: result-neutral keys aside); a
+    finished copy is kept before an unfinished one. Returns the runs kept and (left out, kept) pairs."""
+    keys = [config_hash(run.config) for run in runs]
+    kept: dict[str, RunDir] = {}
+    for key, run in sorted(zip(keys, runs, strict=True), key=lambda kr: not kr[1].finished):  # stable sort
+        kept.setdefault(key, run)
+    unique = [run for key, run in zip(keys, runs, strict=True) if kept[key] is run]
+    return unique, [(run, kept[key]) for key, run in zip(keys, runs, strict=True) if kept[key] is not run]
+
+
+def repeated_folders(folders: list[Path]) -> list[str]:
+    """Notes on given folders that are the same as, or inside, an earlier one: their runs count once."""
+    notes, seen = [], []
+    for folder in folders:
+        resolved = folder.resolve()
+        earlier = next((f for f, r in seen if resolved == r or r in resolved.parents), None)
+        if earlier is not None:
+            notes.append(f"{folder} is {'the same folder as' if resolved == earlier.resolve() else 'inside'} "
+                         f"{earlier}: its runs are counted once")  # fmt: skip
+        seen.append((folder, resolved))
+    return notes
+
+
 def experiment_key(run: RunDir) -> str:
     config = dict(run.config)
     config.pop("seed", None)
@@ -158,14 +196,30 @@ def group_runs(runs: list[RunDir]) -> list[Group]:
         first = members[0]
         strategy = first.metrics["run"]["strategy"]
         groups.append(Group(first.dataset, strategy, _shared_overrides(members), members))
-    # Two experiments of one strategy on one data set are told apart by their other overrides.
+    by_name: dict[tuple[str, str], list[Group]] = {}
     for group in groups:
-        twins = [g for g in groups if g.dataset == group.dataset and g.method.split(" ")[0] == group.method]
+        by_name.setdefault((group.dataset, group.method), []).append(group)
+    for twins in by_name.values():
         if len(twins) > 1:
-            for twin in twins:
-                extra = [o for o in twin.overrides if not o.startswith(("strategy=", "dataset="))]
-                twin.method = f"{twin.method} ({' '.join(extra)})" if extra else twin.method
+            _tell_apart(twins)
     return groups
+
+
+def _tell_apart(twins: list[Group]) -> None:
+    """Experiments of one strategy on one data set are named by the overrides they do not all share, each
+    once; twins whose overrides are the same (configs that differ in their files) by their config hash."""
+    own = [
+        list(dict.fromkeys(o for o in twin.overrides if not o.startswith(("strategy=", "dataset="))))
+        for twin in twins
+    ]
+    common = set.intersection(*map(set, own))
+    for twin, overrides in zip(twins, own, strict=True):
+        extra = [o for o in overrides if o not in common]
+        twin.method = f"{twin.method} ({' '.join(extra)})" if extra else twin.method
+    names = [twin.method for twin in twins]
+    for twin in twins:
+        if names.count(twin.method) > 1:
+            twin.method = f"{twin.method} [config {experiment_key(twin.runs[0])[:8]}]"
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -177,8 +231,8 @@ def _cell(figure: dict, digits: int) -> str:
     return text if std is None else f"{text} ± {std:,.{digits}f}"
 
 
-def rich_table(dataset: str, rows: list[tuple[Group, dict]], columns: list[str], scenario: str) -> Table:
-    table = Table(title=f"{dataset}: {scenario.replace('_', '-')} (mean ± sample std over seeds)")
+def rich_table(dataset: str, rows: list[tuple[Group, dict]], columns: list[str], label: str) -> Table:
+    table = Table(title=f"{dataset}: {label} (mean ± sample std over seeds)")
     table.add_column("method")
     table.add_column("seeds", justify="right")
     for key in columns:
@@ -189,16 +243,17 @@ def rich_table(dataset: str, rows: list[tuple[Group, dict]], columns: list[str],
     return table
 
 
-def markdown(tables: dict[str, list[tuple[Group, dict]]], unfinished: list[RunDir], columns, scenario) -> str:
+def markdown(tables: dict[str, list[tuple[Group, dict]]], unfinished: list[RunDir], columns, labels,
+             notes: list[str]) -> str:  # fmt: skip
     lines = [
         "# Report",
         "",
-        f"Scenario: {scenario.replace('_', '-')}; mean ± sample standard deviation over seeds.",
+        "Mean ± sample standard deviation over seeds; each table names the accuracy it shows.",
         "",
     ]
     for dataset, rows in tables.items():
         lines += [
-            f"## {dataset}",
+            f"## {dataset}: {labels[dataset]}",
             "",
             "| method | seeds | " + " | ".join(COLUMNS[k].title for k in columns) + " |",
         ]
@@ -216,6 +271,8 @@ def markdown(tables: dict[str, list[tuple[Group, dict]]], unfinished: list[RunDi
         ]
         lines += [f"| {run.path} | {_status(run)} | {_tasks_done(run)} |" for run in unfinished]
         lines.append("")
+    if notes:
+        lines += ["## Counted once", ""] + [f"- {note}" for note in notes] + [""]
     return "\n".join(lines)
 
 
@@ -233,21 +290,22 @@ def _tasks_done(run: RunDir) -> str:
     return f"{len(run.metrics['class_il']['accuracy_matrix'])}/{run.metrics['run']['n_tasks']}"
 
 
-def write_csv(path: Path, tables: dict[str, list[tuple[Group, dict]]], columns: list[str]) -> None:
+def write_csv(path: Path, tables: dict[str, list[tuple[Group, dict]]], columns: list[str], labels) -> None:
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(
-            ["dataset", "method", "seeds", *[f"{k}_{s}" for k in columns for s in ("mean", "std")]]
-        )
+        stats = [f"{k}_{s}" for k in columns for s in ("mean", "std")]
+        writer.writerow(["dataset", "accuracy", "method", "seeds", *stats])
         for dataset, rows in tables.items():
             for group, figures in rows:
                 stats = [figures[k][s] for k in columns for s in ("mean", "std")]
-                writer.writerow(
-                    [dataset, group.method, len(group.runs), *["" if v is None else v for v in stats]]
-                )
+                writer.writerow([dataset, labels[dataset], group.method, len(group.runs),
+                                 *["" if v is None else v for v in stats]])  # fmt: skip
 
 
-def write_figures(out: Path, dataset: str, rows: list[tuple[Group, dict]], scenario: str) -> list[Path]:
+def write_figures(
+    out: Path, dataset: str, rows: list[tuple[Group, dict]], scenario: str, accuracy: str
+) -> list[Path]:
+    """`scenario`: the metrics.json matrix drawn ("class_il" or "task_il"), `accuracy`: what it measures."""
     curves, matrices, forgetting = {}, {}, {}
     for group, _ in rows:
         label = f"{group.method} (n={len(group.runs)})"
@@ -264,7 +322,7 @@ def write_figures(out: Path, dataset: str, rows: list[tuple[Group, dict]], scena
             ("forgetting", plots.plot_forgetting_bars, forgetting),
         ):
             path = Path(f"{stem}_{name}.{suffix}")
-            draw(data, path, f"{dataset}, {scenario.replace('_', '-')}")
+            draw(data, path, f"{dataset}, {accuracy}")
             written.append(path)
     return written
 
@@ -302,7 +360,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--columns", default=",".join(DEFAULT_COLUMNS),
                         help=f"comma-separated, from: {','.join(COLUMNS)}")  # fmt: skip
     parser.add_argument("--sort", default="final_average_accuracy", help="column to sort by (best first)")
-    parser.add_argument("--scenario", default="class_il", choices=SCENARIOS, help="which accuracy matrix")
+    parser.add_argument("--scenario", default=None, choices=SCENARIOS,
+                        help="which accuracy matrix (default: each run's own scenario's: task_il for task-IL "
+                        "runs, class_il for class-IL and domain-IL runs)")  # fmt: skip
     parser.add_argument("--no-figures", action="store_true", help="tables only")
     return parser.parse_args(argv)
 
@@ -329,12 +389,20 @@ def report(args: argparse.Namespace) -> dict:
         raise ReportError(
             f"no incr run directory (with .hydra/config.yaml) under {', '.join(map(str, args.dirs))}"
         )
+    runs, duplicates = drop_duplicates(runs)
+    notes = repeated_folders(args.dirs) + [
+        f"{run.path} has the same config and seed as {kept.path}: counted once" for run, kept in duplicates
+    ]
     finished = [r for r in runs if r.finished]
     unfinished = sorted((r for r in runs if not r.finished), key=lambda r: str(r.path))
     sort = COLUMNS[args.sort]
     tables: dict[str, list[tuple[Group, dict]]] = {}
+    matrices: dict[str, tuple[str, str]] = {}  # per table: the matrix key and its label
     for group in group_runs(finished):
-        tables.setdefault(group.dataset, []).append((group, group.figures(list(COLUMNS), args.scenario)))
+        # a table holds one scenario (RunDir.dataset names it), so its groups share the matrix
+        matrix, _ = matrices.setdefault(group.dataset, group.matrix(args.scenario))
+        tables.setdefault(group.dataset, []).append((group, group.figures(list(COLUMNS), matrix)))
+    labels = {dataset: label for dataset, (_, label) in matrices.items()}
     for rows in tables.values():
         missing = -math.inf if sort.higher_is_better else math.inf
         rows.sort(key=lambda row: row[1][sort.key]["mean"] if row[1][sort.key]["mean"] is not None else missing,
@@ -345,26 +413,31 @@ def report(args: argparse.Namespace) -> dict:
     # Off a terminal (a log, a pipe) rich would wrap at 80 columns and cut every cell: give it the room.
     screen = console if console.is_terminal else Console(width=max(console.width, 30 + 20 * len(columns)))
     for dataset, rows in tables.items():
-        screen.print(rich_table(dataset, rows, columns, args.scenario))
+        screen.print(rich_table(dataset, rows, columns, labels[dataset]))
     if unfinished:
         console.print(f"[yellow]{len(unfinished)} run(s) not finished, left out of the means:[/]")
         for run in unfinished:
             console.print(f"  {run.path}: {_status(run)}, tasks done {_tasks_done(run)}", highlight=False)
-    (out / "report.md").write_text(markdown(tables, unfinished, columns, args.scenario))
-    write_csv(out / "report.csv", tables, columns)
+    for note in notes:
+        console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+    (out / "report.md").write_text(markdown(tables, unfinished, columns, labels, notes))
+    write_csv(out / "report.csv", tables, columns, labels)
     figures = []
     if not args.no_figures:
         for dataset, rows in tables.items():
-            figures += write_figures(out, dataset, rows, args.scenario)
+            figures += write_figures(out, dataset, rows, *matrices[dataset])
     result = {
         "scenario": args.scenario,
         "groups": [
             {"dataset": dataset, "method": group.method, "overrides": group.overrides,
+             "matrix": matrices[dataset][0], "accuracy": labels[dataset],
              "seeds": [run.seed for run in group.runs], "runs": [str(run.path) for run in group.runs],
              "figures": {k: {s: _jsonable(v) for s, v in f.items()} for k, f in figures_.items()}}
             for dataset, rows in tables.items() for group, figures_ in rows
         ],
         "unfinished": [{"run": str(r.path), "status": _status(r), "tasks_done": _tasks_done(r)} for r in unfinished],
+        "duplicates": [{"run": str(run.path), "same_as": str(kept.path)} for run, kept in duplicates],
+        "notes": notes,
         "figures": [str(p) for p in figures],
     }  # fmt: skip
     (out / "report.json").write_text(json.dumps(result, indent=2))

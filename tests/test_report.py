@@ -116,8 +116,9 @@ def png_size(path) -> tuple[int, int]:
 def test_figures_are_valid_png_and_svg(sweep, tmp_path):
     out = tmp_path / "report"
     assert main(["report", str(sweep / "multirun"), "--out", str(out)]) == 0
-    for name, (width, height) in {"average_accuracy": (600, 400), "forgetting": (600, 400)}.items():
-        assert png_size(out / f"report_digits_class_il_{name}.png") == (width, height)
+    for name in ("average_accuracy", "forgetting"):
+        width, height = png_size(out / f"report_digits_class_il_{name}.png")
+        assert 600 < width < 1000 and 300 < height <= 400  # 6 x 4 inches and the legend right of the axes
     matrices_width, _ = png_size(out / "report_digits_class_il_accuracy_matrices.png")
     assert matrices_width > 2 * 300  # two matrices side by side
     for svg in out.glob("*.svg"):
