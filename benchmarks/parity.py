@@ -103,6 +103,7 @@ class Method:
         "growing"  # Avalanche's head: growing (IncrementalClassifier, masked) | full (Linear over 10 classes)
     )
     notes: str = ""  # what still differs with these settings
+    avalanche_training_set: str = "own"  # own | joined: BiC's exemplars joined to the task's set (the paper's)
 
 
 MEMORY = 500
@@ -110,6 +111,9 @@ MEMORY = 500
 # regulariser caps its penalty's curvature.
 BATCH_FISHER = ["strategy.fisher=batch", "strategy.fisher_labels=empirical"]
 UNCAPPED = "strategy.curvature_limit=none"
+BIC_OVERRIDES = [f"strategy.memory.size={MEMORY}", "strategy.val_fraction=0.1", "strategy.temperature=2",
+                 "strategy.bias_epochs=200"]  # fmt: skip
+BIC_KWARGS = {"mem_size": MEMORY, "val_percentage": 0.1, "T": 2, "stage_2_epochs": 200, "lamb": -1, "lr": 0.1}
 METHODS = {
     "finetune": Method("finetune", [], "Naive", {}),
     "joint": Method(
@@ -223,16 +227,23 @@ METHODS = {
     "gdumb": Method("gdumb", [f"strategy.memory.size={MEMORY}"], "GDumb", {"mem_size": MEMORY}),
     "bic": Method(
         "bic",
-        [
-            f"strategy.memory.size={MEMORY}",
-            "strategy.val_fraction=0.1",
-            "strategy.temperature=2",
-            "strategy.bias_epochs=200",
-        ],
+        BIC_OVERRIDES,
         "BiC",
-        {"mem_size": MEMORY, "val_percentage": 0.1, "T": 2, "stage_2_epochs": 200, "lamb": -1, "lr": 0.1},
-        notes="bias layer: incr fits it with Adam at bias_lr 0.01 on held-out exemplars; Avalanche with SGD at 0.1 "
-        "on a held-out share of each task's data. Exemplars: incr herding, Avalanche random per class.",
+        BIC_KWARGS,
+        notes="training set: Avalanche joins every batch of 128 new samples with 128 memory samples, incr (the "
+        "paper) puts the exemplars into the task's set once per epoch (bic_joined_set measures it). Bias layer: both fit "
+        "it on samples set aside when their class arrives (the authors'); incr with full-batch Adam at 0.01, Avalanche "
+        "with SGD at 0.1. Exemplars: incr herding, Avalanche random per class. Avalanche's distillation takes the "
+        "softmax of the old logits over the batch (dim 0), not over the classes.",
+    ),  # fmt: skip
+    "bic_joined_set": Method(
+        "bic",
+        BIC_OVERRIDES,
+        "BiC",
+        BIC_KWARGS,
+        avalanche_training_set="joined",
+        notes="Avalanche's BiC with its exemplars joined to the task's training set, each sample once per epoch (the "
+        "paper's and incr's), instead of its ReplayDataLoader's batches of 128 new plus 128 memory samples.",
     ),  # fmt: skip
     "er_ace": Method(
         "er_ace",
@@ -278,6 +289,19 @@ class Net(nn.Module):
 
     def forward(self, x):
         return self.classifier(self.features(x))
+
+
+def joined_training_set(plugin, strategy, **kwargs) -> None:
+    """BiCPlugin.before_training_exp with the paper's training set: the exemplars join the task's data and an
+    epoch sees each sample once (Avalanche's own draws a memory batch as large as every training batch)."""
+    from avalanche.benchmarks.utils import concat_datasets
+
+    if plugin.bias_layer is not None:  # as Avalanche's: the last bias layer stays fixed in stage 1
+        for parameter in plugin.bias_layer.parameters():
+            parameter.requires_grad = False
+    if len(plugin.storage_policy.buffer):
+        joined = concat_datasets([strategy.adapted_dataset, plugin.storage_policy.buffer])
+        strategy.dataloader = torch.utils.data.DataLoader(joined, batch_size=strategy.train_mb_size, shuffle=True)
 
 
 def avalanche_run(
@@ -359,6 +383,8 @@ def avalanche_run(
 
         scheduler = bic_plugin.MultiStepLR
         bic_plugin.MultiStepLR = lambda *a, verbose=None, **k: scheduler(*a, **k)
+        if method.avalanche_training_set == "joined":
+            bic_plugin.BiCPlugin.before_training_exp = joined_training_set
     if name == "ICaRL":
         buffer_transform = transforms.Compose(augment) if protocol.augment else None
         strategy = supervised.ICaRL(feature_extractor=features, classifier=classifier, buffer_transform=buffer_transform,
