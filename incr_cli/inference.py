@@ -9,21 +9,32 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
+import os
 import sys
+import tempfile
 import warnings
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from rich.table import Table
 from torch import Tensor, nn
 
 FORMATS = ("torchscript", "onnx")
 # What `incr eval` may change: where the test data come from and how they are batched, never the model.
 EVAL_KEYS = ("dataset", "data", "eval_batch_size", "evaluate_on")
+# A folder scored whole is cut into the run's own tasks: these keys may only repeat the run's values
+RUN_TASK_KEYS = ("dataset.n_tasks", "dataset.initial_classes", "dataset.class_order", "dataset.class_order_seed",
+                 "dataset.scenario")  # fmt: skip
+SPLITS = ("folder", "test")
 FULL_INTENSITY = 255  # images on disk and the exported model's input are 8-bit
+CHECKPOINT_HINT = (
+    "an incr checkpoint is a run directory's checkpoints/*.pt: give that file, or the run directory"
+)
 
 
 class InferenceError(ValueError):
@@ -41,6 +52,7 @@ class Loaded:
     strategy: object  # incr_cli.strategies.base.Strategy
     preprocess: object  # incr_cli.data.batches.Preprocess, at the training data's max_value
     class_names: list[str]  # every class of the stream, by label
+    tasks: list[dict]  # the run's tasks as metrics.json lists them: each one's classes, by label
     n_seen: int  # classes the model has been trained on: labels 0..n_seen-1
     trained_tasks: int  # tasks trained on, the one under way included (a step checkpoint)
     max_value: int  # full intensity of the training data's pixels (16 for digits, else 255)
@@ -107,10 +119,13 @@ def load(path: Path, device: str | torch.device = "cpu") -> Loaded:
     from incr_cli.strategies.base import Context
 
     path, device = checkpoint_path(Path(path)), torch.device(device)
+    other = other_kind_of_file(path)
+    if other:
+        raise InferenceError(f"{path} is not a usable incr checkpoint: it is {other}; {CHECKPOINT_HINT}")
     try:
         state = checkpoint.load(path, map_location=device)
     except checkpoint.CheckpointError as error:
-        raise InferenceError(str(error)) from None
+        raise InferenceError(f"{error}; {CHECKPOINT_HINT}") from None
     if not {"config", "class_names", "max_value"} <= state.keys():
         raise InferenceError(
             f"{path} holds no config, class names and pixel range (written by an older incr): train it again"
@@ -148,8 +163,36 @@ def load(path: Path, device: str | torch.device = "cpu") -> Loaded:
     strategy.load_state_dict(state["strategy"])
     model.head.grow(n_seen)
     model.eval()
-    return Loaded(path, cfg, model, strategy, preprocess, list(state["class_names"]), n_seen,
+    return Loaded(path, cfg, model, strategy, preprocess, list(state["class_names"]), tasks, n_seen,
                   trained_tasks(state["position"]), max_value, device)  # fmt: skip
+
+
+def other_kind_of_file(path: Path) -> str | None:
+    """What a file given as a checkpoint is instead, judged by its first bytes (an exported model, a
+    metrics.json, an image), or None for a file that torch.save may have written."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(8)
+    except OSError as error:
+        raise InferenceError(f"{path} cannot be read ({error.strerror or error})") from None
+    if head.startswith(b"PK\x03\x04"):  # torch.save's zip, and TorchScript's
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (OSError, zipfile.BadZipFile):
+            return None  # truncated: checkpoint.load says so
+        if any(name.endswith("/constants.pkl") or "/code/" in name for name in names):
+            return "a TorchScript model (incr export writes these)"
+        return None
+    if head[:1] == b"\x80":  # a pickle: torch.save's legacy format
+        return None
+    if path.suffix.lower() == ".onnx" or head[:1] == b"\x08":  # ONNX's protobuf starts with its ir_version
+        return "an ONNX model (incr export --format onnx writes these)"
+    if head.lstrip()[:1] in (b"{", b"["):
+        return "a JSON file"
+    if head.startswith(b"\x89PNG") or head.startswith(b"\xff\xd8\xff"):
+        return "an image"
+    return "not a file that PyTorch wrote"
 
 
 class Classifier(nn.Module):
@@ -195,9 +238,11 @@ class Evaluation:
 _ABSENT = object()
 
 
-def eval_config(loaded: Loaded, overrides: Sequence[str]) -> DictConfig:
+def eval_config(loaded: Loaded, overrides: Sequence[str], whole_folder: bool = False) -> DictConfig:
     """The run's config with the test-data overrides of `incr eval` applied and checked. A data set chosen
-    with dataset=image_folder takes the model's image size and channels unless they are given."""
+    with dataset=image_folder takes the model's image size and channels unless they are given. With
+    `whole_folder` the folder is not checked as a data set to split and cut into tasks (`folder_stream` reads
+    it whole, in the run's tasks)."""
     from incr_cli.config import ConfigError, check_stream
     from incr_cli.data.sources import check_available
 
@@ -239,6 +284,8 @@ def eval_config(loaded: Loaded, overrides: Sequence[str]) -> DictConfig:
         raise InferenceError(f"eval_batch_size={cfg.eval_batch_size} must be a positive integer")
     if cfg.evaluate_on not in ("test", "val"):
         raise InferenceError(f"evaluate_on={cfg.evaluate_on} is not valid; choose one of: test, val")
+    if whole_folder:
+        return cfg
     try:
         check_available(cfg.dataset.name, cfg.data, cfg.dataset)  # an image folder fills in its shape here
         check_stream(cfg.dataset)
@@ -280,15 +327,68 @@ def to_levels(images: Tensor, max_value: int, levels: int) -> Tensor:
     return torch.round(images.float() * (levels / max_value)).to(torch.uint8)
 
 
-def evaluate(loaded: Loaded, overrides: Sequence[str] = ()) -> dict:
+def eval_split(loaded: Loaded, overrides: Sequence[str], split: str | None) -> str:
+    """`--split`, or its default: `folder` when a folder is given (dataset.folder=...), else `test`."""
+    if split is None:
+        given = any(o.partition("=")[0] == "dataset.folder" for o in overrides)
+        return "folder" if given else "test"
+    if split not in SPLITS:
+        raise InferenceError(f"--split {split} is not valid; choose one of: {', '.join(SPLITS)}")
+    return split
+
+
+def evaluate(loaded: Loaded, overrides: Sequence[str] = (), split: str | None = None) -> dict:
     """Class-IL and task-IL accuracy of the checkpoint on every task of a data set's test stream (the run's
-    own by default), with the trained tasks' precision, recall, F1 and confusion, as the engine measures them."""
+    own by default), with the trained tasks' precision, recall, F1 and confusion, as the engine measures them.
+    `split="folder"` (the default when dataset.folder is given) scores every image of the folder instead, each
+    in the task the run trained its class in."""
+    from incr_cli.engine import Hardware
+
+    split = eval_split(loaded, overrides, split)
+    cfg = eval_config(loaded, overrides, whole_folder=split == "folder")
+    if split == "folder":
+        stream, skipped = folder_stream(loaded, cfg, overrides)
+    else:
+        stream, skipped = test_stream(loaded, cfg), []
+    stream = stream.to(loaded.device)
+    if cfg.dataset.scenario == "domain_il":  # every task has every class: the first domains are the trained
+        seen_tasks = min(loaded.trained_tasks, len(stream.tasks))
+    else:
+        seen_tasks = sum(1 for t in stream.tasks if t.classes[0] < loaded.n_seen)
+    amp = getattr(torch, cfg.hardware.amp_dtype) if cfg.hardware.amp else None
+    evaluation = Evaluation(cfg, loaded, stream, loaded.preprocess, Hardware(loaded.device, amp), seen_tasks)
+    class_il, task_il, final = evaluation.evaluate(loaded.n_seen)
+    labels = stream.evaluation_split(cfg.evaluate_on)[2]
+
+    def summary(row: list[float]) -> dict:
+        row = [None if math.isnan(v) else v for v in row]  # a task without images in the folder: no accuracy
+        scored = [v for v in row[:seen_tasks] if v is not None]
+        return {"accuracy": row, "average_accuracy": sum(scored) / len(scored) if scored else None}
+
+    return {
+        "checkpoint": str(loaded.path),
+        "dataset": cfg.dataset.name,
+        "split": split,
+        "folder": str(cfg.dataset.folder) if split == "folder" else None,
+        "scenario": cfg.dataset.scenario,
+        "evaluated_on": cfg.evaluate_on,
+        "seen_classes": loaded.n_seen,
+        "seen_tasks": seen_tasks,
+        "images": len(labels),
+        "skipped": skipped,
+        "class_il": summary(class_il),
+        "task_il": summary(task_il),
+        "per_class": per_class(labels.cpu(), final, loaded),
+        "final": final,
+    }
+
+
+def test_stream(loaded: Loaded, cfg: DictConfig):
+    """The data set's test stream (or held-out part) as `incr train` splits it, at the model's pixel levels."""
     from incr_cli.config import ConfigError
     from incr_cli.data.sources import load_source
     from incr_cli.data.stream import build_stream
-    from incr_cli.engine import Hardware
 
-    cfg = eval_config(loaded, overrides)
     if list(cfg.dataset.input_shape) != list(loaded.input_shape):
         raise InferenceError(f"{cfg.dataset.name}'s images are {list(cfg.dataset.input_shape)}; the model takes "
                              f"{list(loaded.input_shape)}")  # fmt: skip
@@ -302,34 +402,97 @@ def evaluate(loaded: Loaded, overrides: Sequence[str] = ()) -> dict:
     # pixels at the model's levels, then the model's own scaling and normalisation
     split = "test_x" if cfg.evaluate_on == "test" else "train_x"
     setattr(stream, split, to_levels(getattr(stream, split), stream.max_value, loaded.max_value))
-    stream = stream.to(loaded.device)
-    if cfg.dataset.scenario == "domain_il":  # every task has every class: the first domains are the trained
-        seen_tasks = min(loaded.trained_tasks, len(stream.tasks))
-    else:
-        seen_tasks = sum(1 for t in stream.tasks if t.classes[0] < loaded.n_seen)
-    amp = getattr(torch, cfg.hardware.amp_dtype) if cfg.hardware.amp else None
-    evaluation = Evaluation(cfg, loaded, stream, loaded.preprocess, Hardware(loaded.device, amp), seen_tasks)
-    class_il, task_il, final = evaluation.evaluate(loaded.n_seen)
+    return stream
 
-    def summary(row: list[float]) -> dict:
-        return {"accuracy": row, "average_accuracy": sum(row[:seen_tasks]) / seen_tasks}
 
-    return {
-        "checkpoint": str(loaded.path),
-        "dataset": cfg.dataset.name,
-        "scenario": cfg.dataset.scenario,
-        "evaluated_on": cfg.evaluate_on,
-        "seen_classes": loaded.n_seen,
-        "seen_tasks": seen_tasks,
-        "class_il": summary(class_il),
-        "task_il": summary(task_il),
-        "final": final,
-    }
+def folder_stream(loaded: Loaded, cfg: DictConfig, overrides: Sequence[str]):
+    """Every image of an image folder (of its test/ folder, where it is split into train/ and test/) as the
+    test set of the run's own tasks: a class folder is matched to the run's class of that name, and the image
+    goes to the task the run learned that class in. Returns the stream and the files skipped as unreadable."""
+    from incr_cli.config import ConfigError
+    from incr_cli.data.image_folder import BAD_FILE_ACTIONS, _class_files, _image_size, _root
+
+    check_folder_overrides(loaded, cfg, overrides)
+    try:
+        root = _root(cfg.dataset.get("folder"))
+        size = _image_size(cfg.dataset.get("image_size")) or tuple(loaded.input_shape[1:])
+    except ConfigError as error:
+        raise InferenceError(str(error)) from None
+    shape = [cfg.dataset.channels, *size]
+    if shape != list(loaded.input_shape):
+        raise InferenceError(f"dataset.channels={cfg.dataset.channels} and dataset.image_size={list(size)} give "
+                             f"images of {shape}; the model takes {list(loaded.input_shape)}")  # fmt: skip
+    if cfg.dataset.on_bad_file not in BAD_FILE_ACTIONS:
+        raise InferenceError(f"dataset.on_bad_file={cfg.dataset.on_bad_file} is not valid; choose one of: "
+                             f"{', '.join(BAD_FILE_ACTIONS)}")  # fmt: skip
+    scored = root / "test" if (root / "train").is_dir() and (root / "test").is_dir() else root
+    per_class = {name: files for name, files in _class_files(scored, []).items() if files}
+    if not per_class:
+        raise InferenceError(f"{scored} holds no class folder with images; expected {scored}/<class>/*.png (or "
+                             ".jpg, .jpeg, .bmp, .gif, .webp), one folder per class named as the run's classes")  # fmt: skip
+    unknown = sorted(set(per_class) - set(loaded.class_names))
+    if unknown:
+        raise InferenceError(f"{scored} has class folder(s) the run never saw: {shown(unknown)}; the run's classes "
+                             f"are {shown(loaded.class_names)} (remove or rename the others)")  # fmt: skip
+    files = [path for files in per_class.values() for path in files]
+    label_of = {name: label for label, name in enumerate(loaded.class_names)}
+    labels = torch.tensor([label_of[name] for name, files in per_class.items() for _ in files])
+    images, kept, skipped = read_images(files, loaded.input_shape, cfg.dataset.on_bad_file)
+    labels = labels[kept]
+    stream = stream_outline(loaded.tasks, loaded.class_names, loaded.input_shape, loaded.max_value, "cpu")
+    stream.test_x, stream.test_y = to_levels(images, FULL_INTENSITY, loaded.max_value), labels
+    for task in stream.tasks:
+        task.test_index = torch.nonzero(torch.isin(labels, torch.tensor(task.classes))).flatten()
+    return stream, [[str(path), reason] for path, reason in skipped]
+
+
+def check_folder_overrides(loaded: Loaded, cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """A folder scored whole has no split to choose and takes the run's tasks: an override that would choose
+    them otherwise is refused, not ignored."""
+    if cfg.dataset.name != "image_folder":
+        raise InferenceError("--split folder scores an image folder: give dataset=image_folder "
+                             "dataset.folder=FOLDER, or --split test for the data set's test split")  # fmt: skip
+    if cfg.dataset.get("domains") == "folders" or cfg.dataset.scenario == "domain_il":
+        raise InferenceError("a domain-IL run's tasks are domains, which a folder of classes does not name: "
+                             "give --split test (with dataset.domains=folders, one folder per domain)")  # fmt: skip
+    if cfg.evaluate_on != "test":
+        raise InferenceError("evaluate_on=val is a held-out part of the training images; a folder scored whole "
+                             "(--split folder) has none: give --split test")  # fmt: skip
+    for override in overrides:
+        key = override.partition("=")[0]
+        if key in ("dataset.test_fraction", "dataset.val_fraction"):
+            raise InferenceError(f"{key} splits a folder; --split folder (the default with dataset.folder) "
+                                 "scores every image: leave it out, or give --split test")  # fmt: skip
+        if key in RUN_TASK_KEYS:
+            value, run = OmegaConf.select(cfg, key), OmegaConf.select(loaded.cfg, key)
+            if plain(value) != plain(run):
+                raise InferenceError(f"{override}: a folder scored whole (--split folder) is cut into the run's own "
+                                     f"tasks ({key}={plain(run)}); leave it out, or give --split test")  # fmt: skip
+
+
+def plain(value):
+    return OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
+
+
+def shown(names: Sequence[str], limit: int = 10) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def per_class(labels: Tensor, final: dict, loaded: Loaded) -> dict:
+    """Per class name: the images evaluated and, for a class of a trained task, its class-IL recall."""
+    counts = torch.bincount(labels, minlength=len(loaded.class_names)).tolist()
+    confusion = final.get("confusion_matrix", [])
+    result = {}
+    for label, name in enumerate(loaded.class_names):
+        row = confusion[label] if label < len(confusion) else []
+        result[name] = {"images": counts[label], "recall": row[label] / sum(row) if sum(row) else None}
+    return result
 
 
 def evaluation_table(result: dict) -> Table:
     n_tasks = len(result["class_il"]["accuracy"])
-    title = f"{result['dataset']} ({result['evaluated_on']}), {result['seen_classes']} classes seen"
+    part = "every image" if result["split"] == "folder" else result["evaluated_on"]
+    title = f"{result['folder'] or result['dataset']} ({part}), {result['seen_classes']} classes seen"
     table = Table(title=title, title_justify="left")
     table.add_column("accuracy")
     for j in range(n_tasks):
@@ -337,14 +500,21 @@ def evaluation_table(result: dict) -> Table:
     table.add_column("avg", justify="right", style="bold")
     for scenario, name in (("class_il", "class-IL"), ("task_il", "task-IL")):
         row = result[scenario]["accuracy"]
-        # tasks the model has not trained on yet are dimmed, as in the training tables
-        cells = [f"{v:.3f}" if j < result["seen_tasks"] else f"[dim]{v:.3f}[/]" for j, v in enumerate(row)]
-        table.add_row(name, *cells, f"{result[scenario]['average_accuracy']:.3f}")
+        # tasks the model has not trained on yet are dimmed, as in the training tables; "-": no image of the task
+        cells = [number(v) if j < result["seen_tasks"] else f"[dim]{number(v)}[/]" for j, v in enumerate(row)]
+        table.add_row(name, *cells, number(result[scenario]["average_accuracy"]))
     return table
+
+
+def number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def evaluation_lines(result: dict) -> list[str]:
     lines = [f"checkpoint: {result['checkpoint']}"]
+    classes = sum(1 for c in result["per_class"].values() if c["images"])
+    lines.append(f"images: {result['images']} of {classes} classes"
+                 + (f" ({len(result['skipped'])} unreadable file(s) skipped)" if result["skipped"] else ""))  # fmt: skip
     final = result["final"]
     if final:
         lines.append(f"trained tasks: precision {final['precision']:.4f}, recall {final['recall']:.4f}, "
@@ -372,27 +542,52 @@ def image_files(paths: Sequence[Path]) -> list[Path]:
 
 
 def read_image(path: Path, shape: Sequence[int]) -> Tensor:
-    """An image file as uint8 [C, H, W] in 0..255, decoded as `dataset=image_folder` decodes its files (turned
-    by its EXIF orientation, grayscale or RGB as the training data, resized to H x W with Pillow's bilinear
-    filter, antialiased when shrinking), so that a file of a training folder gives the pixels it trained on."""
-    from PIL import Image, ImageOps
+    """An image file as uint8 [C, H, W] in 0..255, decoded by `dataset=image_folder`'s own decoding (EXIF
+    orientation, 16-bit and palette files to 8-bit grayscale or RGB as the training data, Pillow's bilinear
+    resize to H x W), so that a file of a training folder gives the pixels it trained on. Raises
+    UnreadableImage for a file that cannot be decoded."""
+    from incr_cli.data.image_folder import CHANNEL_MODES, image_pixels, open_image
 
     channels, height, width = shape
-    modes = {1: "L", 3: "RGB"}
-    if channels not in modes:
+    if channels not in CHANNEL_MODES:
         raise InferenceError(
             f"the model takes {channels}-channel images; predict reads 1 (grayscale) or 3 (RGB)"
         )
-    try:
-        with Image.open(path) as stored:
-            image = ImageOps.exif_transpose(stored).convert(modes[channels])
-    except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError... for broken files
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise InferenceError(f"{path} cannot be read as an image ({reason})") from None
-    if image.size != (width, height):
-        image = image.resize((width, height), Image.Resampling.BILINEAR)
-    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-    return pixels.reshape(height, width, channels).permute(2, 0, 1).contiguous()
+    pixels = image_pixels(open_image(path, channels), (height, width))
+    return torch.tensor(pixels)  # a copy: Pillow's array is read-only
+
+
+def read_images(
+    files: Sequence[Path], shape: Sequence[int], on_bad_file: str = "skip"
+) -> tuple[Tensor, list[int], list[tuple[Path, str]]]:
+    """The files as one uint8 batch [N, C, H, W], decoded in threads (Pillow releases the GIL). An unreadable
+    file stops everything with on_bad_file="stop"; with "skip" it is named in a warning and left out, and only
+    a batch with no readable file at all is an error. Returns the batch, the indices of the files in it and the
+    skipped files with the reason."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from incr_cli.console import errors
+    from incr_cli.data.image_folder import UnreadableImage
+
+    def decode(path: Path) -> Tensor | str:
+        try:
+            return read_image(path, shape)
+        except UnreadableImage as error:
+            return str(error)
+
+    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+        decoded = list(pool.map(decode, files))
+    kept = [i for i, image in enumerate(decoded) if isinstance(image, Tensor)]
+    skipped = [(files[i], image) for i, image in enumerate(decoded) if isinstance(image, str)]
+    if skipped and (on_bad_file == "stop" or not kept):
+        path, reason = skipped[0]
+        more = f" (none of the {len(files)} files can be read)" if len(files) > 1 and not kept else ""
+        advice = "; fix or remove it, or give --on-bad-file skip" if on_bad_file == "stop" else ""
+        raise InferenceError(f"{path} cannot be read as an image ({reason}){more}{advice}")
+    for path, reason in skipped:
+        errors.print(f"[bold yellow]warning:[/] skipped {path}: cannot be read as an image ({reason})",
+                     highlight=False, soft_wrap=True)  # fmt: skip
+    return torch.stack([decoded[i] for i in kept]), kept, skipped
 
 
 @torch.no_grad()
@@ -427,7 +622,36 @@ def prediction_table(files: Sequence[Path], predictions: list, names: list[str])
 # ---------------------------------------------------------------------------------------------- export
 def default_export_path(checkpoint: Path, fmt: str) -> Path:
     # not *.pt: the checkpoints folder's *.pt files are what resume reads
-    return checkpoint.with_suffix(".torchscript" if fmt == "torchscript" else ".onnx")
+    return checkpoint.with_suffix(f".{fmt}")
+
+
+def writable_file(given: str, name_in_folder: str, option: str = "--out") -> Path:
+    """The file that `option GIVEN` names, checked before any work: a folder (one that exists, or a path
+    ending in /) stands for FOLDER/`name_in_folder`. Refused with one line naming the path and why: below a
+    file, in a read-only or unwritable place. Nothing is created; the missing folders are made when writing."""
+    path = Path(given).expanduser()
+    if given.endswith(("/", os.sep)) or path.is_dir():
+        path = path / name_in_folder
+    if path.is_dir():
+        raise InferenceError(f"{option} {given}: {path} is a folder; give a file name")
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InferenceError(f"{option} {given}: cannot write there, {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        where = path if path.exists() else existing
+        raise InferenceError(
+            f"{option} {given}: cannot write there, {where} is read-only (or not yours to write)"
+        )
+    try:  # os.access reads permission bits; some file systems refuse more: a scratch file is the real test
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise InferenceError(
+            f"{option} {given}: cannot write in {existing} ({error.strerror or error})"
+        ) from None
+    return path
 
 
 def export(loaded: Loaded, fmt: str, out: Path) -> Path:
@@ -441,7 +665,24 @@ def export(loaded: Loaded, fmt: str, out: Path) -> Path:
     example = torch.randint(
         0, FULL_INTENSITY + 1, (2, *loaded.input_shape), generator=torch.Generator().manual_seed(0)
     ).float()
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_model(classifier, example, fmt, out)
+        classes = {
+            "class_names": loaded.seen_names,
+            "input": f"float32 [N, {', '.join(map(str, loaded.input_shape))}], pixel values 0..255 "
+            f"({'grayscale' if loaded.input_shape[0] == 1 else 'RGB'})",
+            "output": f"float32 [N, {loaded.n_seen}], scores of the classes in class_names' order; softmax: "
+            "probabilities",
+            "checkpoint": str(loaded.path),
+        }
+        out.with_name(out.name + ".classes.json").write_text(json.dumps(classes, indent=2) + "\n")
+    except OSError as error:  # checked before; a disk that fills or goes away meanwhile
+        raise InferenceError(f"writing {out} failed ({error.strerror or error})") from None
+    return out
+
+
+def write_model(classifier: nn.Module, example: Tensor, fmt: str, out: Path) -> None:
     if fmt == "torchscript":
         with torch.no_grad(), warnings.catch_warnings():
             # torch.jit is deprecated in favour of torch.export, still loads everywhere; the tracer's shape
@@ -453,15 +694,6 @@ def export(loaded: Loaded, fmt: str, out: Path) -> Path:
     else:
         check_onnx()
         export_onnx(classifier, example, out)
-    classes = {
-        "class_names": loaded.seen_names,
-        "input": f"float32 [N, {', '.join(map(str, loaded.input_shape))}], pixel values 0..255 "
-        f"({'grayscale' if loaded.input_shape[0] == 1 else 'RGB'})",
-        "output": f"float32 [N, {loaded.n_seen}], scores of the classes in class_names' order; softmax: probabilities",
-        "checkpoint": str(loaded.path),
-    }
-    out.with_name(out.name + ".classes.json").write_text(json.dumps(classes, indent=2) + "\n")
-    return out
 
 
 def check_onnx() -> None:
@@ -490,18 +722,19 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _run(command, argv: list[str]) -> int:
+    from incr_cli.config import ConfigError
     from incr_cli.console import fail
 
     try:
         return command(argv)
-    except InferenceError as error:
+    except (InferenceError, ConfigError) as error:
         fail(str(error))
         return 2
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace | int:
-    try:
-        return parser.parse_args(argv)
+    try:  # options may come between the positional arguments: `incr eval RUN --split test dataset.folder=F`
+        return parser.parse_intermixed_args(argv)
     except SystemExit as stop:  # --help
         return int(stop.code or 0)
 
@@ -519,29 +752,45 @@ def eval_command(argv: list[str]) -> int:
 
 
 def _eval(argv: list[str]) -> int:
-    from incr_cli.checkpoint import write_json
+    from incr_cli.checkpoint import CheckpointError, write_json
     from incr_cli.console import console
 
     parser = _Parser(prog="incr eval", description="Accuracy of a checkpoint on every task of a data set's test "
-                     "stream (the run's own by default), the tables of incr train.")  # fmt: skip
+                     "stream (the run's own by default), the tables of incr train. A folder given with "
+                     "dataset=image_folder dataset.folder=FOLDER is scored whole: every image of FOLDER/<class>/ "
+                     "(of FOLDER/test/<class>/ where FOLDER has train/ and test/), each class folder matched by "
+                     "name to the run's class and scored in the task the run learned it in; a class the run "
+                     "never saw is refused.")  # fmt: skip
     parser.add_argument(
         "checkpoint", type=Path, help="a checkpoint file, or a run directory (its checkpoints/last.pt)"
     )
     parser.add_argument("overrides", nargs="*", metavar="OVERRIDE",
                         help="dataset=NAME, dataset.KEY=VALUE, data.KEY=VALUE, eval_batch_size=N, evaluate_on=test|val")  # fmt: skip
-    parser.add_argument("--out", type=Path, default=None, help="also write the results here as JSON")
+    parser.add_argument("--split", choices=SPLITS, default=None,
+                        help="folder: every image of dataset.folder, in the run's tasks (the default when "
+                        "dataset.folder is given); test: the test split as incr train holds it out "
+                        "(dataset.test_fraction of each class, or FOLDER/test/), cut into dataset.n_tasks "
+                        "tasks (the default otherwise: the run's own test stream)")  # fmt: skip
+    parser.add_argument("--out", default=None,
+                        help="also write the results (per-task and per-class) here as JSON; a folder: FOLDER/eval.json")  # fmt: skip
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     args = _parse(parser, argv)
     if isinstance(args, int):
         return args
+    out = writable_file(args.out, "eval.json") if args.out is not None else None
     loaded = load(args.checkpoint, _device(args.device))
-    result = evaluate(loaded, args.overrides)
+    result = evaluate(loaded, args.overrides, args.split)
     console.print(evaluation_table(result))
     for line in evaluation_lines(result):
         console.print(line, highlight=False, soft_wrap=True)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        write_json(args.out, result)
+    if out is not None:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            write_json(out, result)
+        except (OSError, CheckpointError) as error:
+            raise InferenceError(
+                f"writing {out} failed ({getattr(error, 'strerror', None) or error})"
+            ) from None
     return 0
 
 
@@ -560,6 +809,9 @@ def _predict(argv: list[str]) -> int:
     parser.add_argument("images", nargs="+", type=Path, help="image files, or folders searched for them")
     parser.add_argument("--top-k", type=int, default=3, help="classes shown per image (default 3)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--on-bad-file", choices=("skip", "stop"), default="skip",
+                        help="an unreadable image file: skip names it on stderr and predicts the others "
+                        "(default); stop exits with status 2 naming it")  # fmt: skip
     parser.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
     args = _parse(parser, argv)
     if isinstance(args, int):
@@ -568,7 +820,8 @@ def _predict(argv: list[str]) -> int:
         raise InferenceError(f"--top-k {args.top_k} must be 1 or more")
     files = image_files(args.images)
     loaded = load(args.checkpoint, _device(args.device))
-    images = torch.stack([read_image(path, loaded.input_shape) for path in files])
+    images, kept, _ = read_images(files, loaded.input_shape, args.on_bad_file)
+    files = [files[i] for i in kept]
     predictions = predict(loaded, images, args.top_k)
     names = loaded.seen_names
     if args.json:
@@ -597,8 +850,10 @@ def _export(argv: list[str]) -> int:
     parser.add_argument(
         "--format", default="torchscript", help=f"{' | '.join(FORMATS)} (default torchscript)"
     )
-    parser.add_argument("--out", type=Path, default=None,
-                        help="the model file (default: beside the checkpoint, .torchscript or .onnx)")  # fmt: skip
+    parser.add_argument("--out", default=None,
+                        help="the model file (default: beside the checkpoint, .torchscript or .onnx); a folder "
+                        "(one that exists, or a path ending in /): FOLDER/model.torchscript or FOLDER/model.onnx. "
+                        "A place that cannot be written is refused before exporting")  # fmt: skip
     args = _parse(parser, argv)
     if isinstance(args, int):
         return args
@@ -606,8 +861,12 @@ def _export(argv: list[str]) -> int:
         raise InferenceError(f"unknown format '{args.format}'; valid: {', '.join(FORMATS)}")
     if args.format == "onnx":
         check_onnx()
+    if args.out is None:
+        default = default_export_path(checkpoint_path(args.checkpoint), args.format)
+        out = writable_file(str(default), "", option="the model file (no --out given)")
+    else:
+        out = writable_file(args.out, f"model.{args.format}")
     loaded = load(args.checkpoint, "cpu")
-    out = args.out or default_export_path(loaded.path, args.format)
     export(loaded, args.format, out)
     console.print(f"{args.format} model: {out} ({loaded.n_seen} classes; names in {out.name}.classes.json)",
                   highlight=False, soft_wrap=True)  # fmt: skip

@@ -28,7 +28,7 @@ SPLIT_SEED = 0  # the test_fraction hold-out never depends on the run's seed (as
 RESAMPLING = (
     "bilinear"  # Pillow's, which widens its filter when shrinking (antialiased, like torchvision's Resize)
 )
-CACHE_VERSION = 1  # bump when decoding changes, so that older caches are not reused
+CACHE_VERSION = 2  # bump when decoding changes, so that older caches are not reused
 
 decoded_files = 0  # image files this process has decoded; a load served from the cache adds none
 
@@ -318,12 +318,56 @@ def _oriented_size(image) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------------------------------------ decoding
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # Pillow's modes of 16-bit grayscale files
+SIXTEEN_TO_EIGHT = 257  # 65535 / 255: a 16-bit value k * 257 is the 8-bit value k
+
+
+class UnreadableImage(ValueError):
+    """A file that Pillow cannot decode; the message is the reason, one line."""
+
+
+def open_image(path: Path, channels: int):
+    """A file as a Pillow image of `channels` (1: "L", 3: "RGB") 8-bit channels, turned by its EXIF orientation.
+
+    The one decoding of image files: `dataset=image_folder` trains on it and `incr predict` and `incr eval`
+    read with it, so a file gives the same pixels everywhere. Pillow alone would saturate 16-bit grayscale
+    (its conversion to "L" clips at 255, so a dark 16-bit image turns white): it is scaled to 8 bits instead.
+    Palette images go through their colours (with alpha where the palette has transparency); alpha is then
+    dropped."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as stored:
+            image = ImageOps.exif_transpose(stored)
+            image.load()
+    except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError... for broken files
+        reason = str(error).splitlines()[0] if str(error) else "unreadable"
+        raise UnreadableImage(f"{type(error).__name__}: {reason}") from None
+    if image.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(image).astype(np.int64)
+        eight = np.clip((values + SIXTEEN_TO_EIGHT // 2) // SIXTEEN_TO_EIGHT, 0, 255).astype(np.uint8)
+        image = Image.fromarray(eight, "L")
+    elif image.mode in ("P", "PA"):
+        image = image.convert("RGBA" if image.mode == "PA" or "transparency" in image.info else "RGB")
+    return image.convert(CHANNEL_MODES[channels])
+
+
+def image_pixels(image, size: tuple[int, int]) -> np.ndarray:
+    """An image from `open_image` as uint8 [C, H, W], resized to `size` (height, width) with Pillow's bilinear
+    filter (antialiased when shrinking) unless it has that size already."""
+    from PIL import Image
+
+    if image.size != (size[1], size[0]):
+        image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    array = np.asarray(image, dtype=np.uint8)
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
 def _decode(plan: FolderPlan, mapped_cache: Path | None = None) -> dict:
     """Decode every listed file into one preallocated array; threads, since Pillow releases the GIL while it
     decodes and resizes. With `mapped_cache`, the array is a file on disk and the train and test splits are
     written to .npy files named in the returned state instead of held in memory."""
     global decoded_files
-    from PIL import Image, ImageOps
 
     listing = plan.listing
     entries = [(split, label, path) for split, per_class in listing.files.items()
@@ -336,22 +380,17 @@ def _decode(plan: FolderPlan, mapped_cache: Path | None = None) -> dict:
         mapped_cache.parent.mkdir(parents=True, exist_ok=True)
         scratch = mapped_cache.with_suffix(".decoding.npy")
         pixels = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.uint8, shape=shape)
-    mode = CHANNEL_MODES[plan.channels]
 
     def decode(row: int) -> tuple[int, int] | str:
         """The file's (width, height) as stored, or why it cannot be read."""
         try:
-            with Image.open(entries[row][2]) as stored:
-                image = ImageOps.exif_transpose(stored).convert(mode)
-        except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError... for broken files
-            return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'unreadable'}"
+            image = open_image(entries[row][2], plan.channels)
+        except UnreadableImage as error:
+            return str(error)
         native = image.size
-        if native != (width, height):
-            if not plan.resize:
-                return native
-            image = image.resize((width, height), Image.Resampling.BILINEAR)
-        array = np.asarray(image, dtype=np.uint8)
-        pixels[row] = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+        if native != (width, height) and not plan.resize:
+            return native
+        pixels[row] = image_pixels(image, (height, width))
         return native
 
     workers = min(16, os.cpu_count() or 1)
