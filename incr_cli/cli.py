@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import sys
 from collections.abc import Callable
 
@@ -50,9 +52,8 @@ def resume(argv: list[str]) -> int:
         o for o in OmegaConf.load(saved) if override_key(o) not in new_keys | {"resume", "hydra.run.dir"}
     ]
     # The run's .hydra/ files stay as the original command wrote them.
-    return train(
-        [*original, *overrides, "resume=true", f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"]
-    )
+    folder = f"hydra.run.dir={hydra_value(str(run_dir))}"  # quoted when Hydra's grammar needs it
+    return train([*original, *overrides, "resume=true", folder, "hydra.output_subdir=null"])
 
 
 def report(argv: list[str]) -> int:
@@ -127,7 +128,64 @@ def main(argv: list[str] | None = None) -> int:
     if command not in SUBCOMMANDS:
         fail(f"unknown command '{command}'; valid: {', '.join(SUBCOMMANDS)}")
         return 2
-    return SUBCOMMANDS[command][0](rest)
+    return SUBCOMMANDS[command][0](expand_home(rest))
+
+
+# `$HOME` and `${HOME}`, not `$HOMEDIR`; `${oc.env:HOME}` is OmegaConf's own and stays
+HOME_VARIABLE = re.compile(r"\$(?:HOME\b|\{HOME\})")
+
+
+def expand_home(argv: list[str]) -> list[str]:
+    """`~`, `~user`, `$HOME` and `${HOME}` in path arguments expanded, as a shell expands a word that starts
+    with `~`. A shell leaves `key=~/data` alone, and Hydra's override grammar then refuses the `~`; `$HOME`
+    it would keep as text, and `${HOME}` it reads as an interpolation of a config key HOME, which incr's
+    config has not. Expanded: `key=VALUE` (each value of a sweep `key=A,B`, quoted ones too),
+    `--option=VALUE`, and a bare `~` or `~/...` (a bare `~key` is Hydra's delete override and stays)."""
+    return [_expand_argument(argument) for argument in argv]
+
+
+def _expand_argument(argument: str) -> str:
+    key, equals, value = argument.partition("=")
+    if not equals:
+        return _expand_path(argument) if argument == "~" or argument.startswith("~/") else argument
+    if argument.startswith("-"):
+        return f"{key}={_expand_path(value)}"
+    parts = value.split(",")  # a sweep's values; a path with a comma is one to Hydra too
+    expanded = [_expand_path(part) for part in parts]
+    if expanded == parts:
+        return argument
+    return f"{key}={','.join(map(hydra_value, expanded))}"
+
+
+def _expand_path(text: str) -> str:
+    quote = text[0] if len(text) > 1 and text[0] in "'\"" and text[-1] == text[0] else ""
+    inner = text[len(quote) : len(text) - len(quote)]
+    if inner.startswith("~"):
+        inner = os.path.expanduser(inner)
+    if "HOME" in os.environ:
+        inner = HOME_VARIABLE.sub(lambda _: os.environ["HOME"], inner)
+    return f"{quote}{inner}{quote}"
+
+
+def hydra_value(text: str) -> str:
+    """`text` as one string value of a Hydra override: as it is when Hydra's grammar reads it so, else quoted
+    (a path with brackets, parentheses, `=` or `#`): in single quotes, or double ones for a path with a single
+    quote, which YAML (`incr eval` reads its overrides with OmegaConf) then reads alike. Hydra escapes the
+    quote, and the backslashes just before it, with a backslash."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    if text[:1] in ("'", '"'):  # the user's own quotes
+        return text
+    try:
+        parsed = OverridesParser.create().parse_override(f"key={text}")
+        if not parsed.is_sweep_override() and parsed.value() == text:
+            return text
+    except HydraException:
+        pass
+    quote = '"' if "'" in text and '"' not in text else "'"
+    escaped = re.sub(rf"(\\*){quote}", lambda m: m.group(1) * 2 + "\\" + quote, text)
+    return quote + re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped) + quote
 
 
 if __name__ == "__main__":

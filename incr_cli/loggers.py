@@ -69,7 +69,9 @@ class TensorBoardScalars:
 
         # purge_step drops the events written after the checkpoint this run resumes from
         purge = None if resume_step is None else resume_step + 1
-        self.writer = SummaryWriter(str(run_dir / cfg.get("log_dir", "tensorboard")), purge_step=purge)
+        # relative to the run directory; an absolute or ~ path (from a config file) is taken as it is
+        log_dir = run_dir / Path(cfg.get("log_dir", "tensorboard")).expanduser()
+        self.writer = SummaryWriter(str(log_dir), purge_step=purge)
 
     def scalars(self, values: dict[str, float], step: int, task: int, epoch: int | None) -> None:
         for name, value in values.items():
