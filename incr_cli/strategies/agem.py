@@ -91,7 +91,7 @@ class AGEM(Strategy):
     def after_task(self, task: Task) -> None:
         chosen = torch.randperm(len(task.train_index), generator=self.rng, device=self.rng.device)
         index = task.train_index[chosen[: self.patterns_per_task].to(task.train_index.device)]
-        x, y = self.stream.train_x[index], self.stream.train_y[index]
+        x, y = self.training_samples(index)
         if self.memory_y is None:
             self.memory_x, self.memory_y = x, y
         else:

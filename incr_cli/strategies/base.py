@@ -4,7 +4,9 @@ The engine owns the loop, the optimizer step, mixed precision and checkpoints. A
 it needs, in the order they run: `before_task`, `training_indices`, per batch `loss` (or `training_step`
 for methods that change the update itself, such as GEM or MER), `after_task`, and `predict` for methods
 that classify differently. Everything it remembers between tasks goes through `state_dict`, so resume is
-exact: tensors, numbers, strings, lists and dicts only (checkpoints load with `weights_only=True`)."""
+exact: tensors, numbers, strings, lists and dicts only (checkpoints load with `weights_only=True`).
+What many methods do alike (draw a replay batch, offer samples to the memory, join the memory's rows to a
+task's) are helpers on `Strategy`, below the hooks."""
 
 from __future__ import annotations
 
@@ -127,6 +129,49 @@ class Strategy:
     @property
     def memory_bytes(self) -> int:
         return 0 if self.memory is None else self.memory.nbytes
+
+    # Methods that replay draw this many memory samples per training batch; None: as many as the batch holds.
+    replay_batch_size: int | None = None
+
+    def replay_size(self, batch: Batch) -> int:
+        """Memory samples drawn to replay with `batch`."""
+        return self.replay_batch_size or len(batch)
+
+    def with_replay(self, batch: Batch) -> Batch:
+        """`batch` followed by `replay_size(batch)` samples drawn from the memory (none while it is empty)."""
+        if not len(self.memory):
+            return batch
+        return batch.join(self.memory.sample(self.replay_size(batch), self.rng))
+
+    def training_samples(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """Raw inputs and labels of the stream's training rows `rows`."""
+        return self.stream.train_x[rows], self.stream.train_y[rows]
+
+    def remember_samples(self, x: Tensor, y: Tensor, **extras: Tensor) -> None:
+        """Offer raw samples to the memory with their extras; herding selection also gets their features."""
+        if self.memory.size == 0 or len(y) == 0:
+            return  # nothing is kept: no features to compute
+        features = self.features(x) if self.memory.needs_features else None
+        self.memory.add(x, y, self.rng, features=features, **extras)
+
+    def remember_rows(self, rows: Tensor, row_extra: str | None = None) -> None:
+        """Offer the stream's training rows `rows` to the memory; with `row_extra`, each sample keeps its row
+        as that extra, so that later tasks can train on it (`rows_with_memory`)."""
+        extras = {} if row_extra is None else {row_extra: rows}
+        self.remember_samples(*self.training_samples(rows), **extras)
+
+    def memory_rows(self, row_extra: str = "index") -> Tensor:
+        """The stream's training rows of the memory's samples, kept as their extra `row_extra`."""
+        if not len(self.memory):
+            return torch.zeros(0, dtype=torch.long, device=self.context.device)
+        return self.memory.extras[row_extra]
+
+    def rows_with_memory(self, rows: Tensor, row_extra: str = "index") -> Tensor:
+        """`rows` of the stream's training tensors followed by the memory's: exemplars join the task's
+        training set, each once per epoch, rather than each batch (iCaRL, BiC, WA, LUCIR, PODNet, DER, FOSTER)."""
+        if not len(self.memory):
+            return rows
+        return torch.cat([rows, self.memory_rows(row_extra).to(rows.device)])
 
     def state_dict(self) -> dict:
         return {} if self.memory is None else {"memory": self.memory.state_dict()}

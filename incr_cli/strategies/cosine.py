@@ -161,14 +161,12 @@ class EmbeddingDistillation(PreviousTaskTeacher):
         return torch.cat(chunks).float()
 
     def training_indices(self, task: Task) -> Tensor:
-        if self.exemplars == "joined_batch" or not len(self.memory):
+        if self.exemplars == "joined_batch":
             return task.train_index
-        return torch.cat([task.train_index, self.memory.extras["index"].to(task.train_index.device)])
+        return self.rows_with_memory(task.train_index)
 
     def with_replay(self, batch: Batch) -> Batch:
-        if self.exemplars != "joined_batch" or not len(self.memory):
-            return batch
-        return batch.join(self.memory.sample(self.replay_batch_size or len(batch), self.rng))
+        return super().with_replay(batch) if self.exemplars == "joined_batch" else batch
 
     def loss(self, batch: Batch) -> Tensor:
         """The method's loss on a batch (exemplars already in it)."""
@@ -192,12 +190,7 @@ class EmbeddingDistillation(PreviousTaskTeacher):
         rows[:n] = self.classifier_rows(self.old_model)[0][:n]
 
     def after_task(self, task: Task) -> None:
-        rows = task.train_index
-        x, y = self.stream.train_x[rows], self.stream.train_y[rows]
-        # each exemplar keeps its row in the stream, so that later tasks can train on it
-        self.memory.add(
-            x, y, self.rng, features=self.features(x) if self.memory.needs_features else None, index=rows
-        )
+        self.remember_rows(task.train_index, row_extra="index")
         if self.finetune_epochs and self.old_model is not None and len(self.memory):
             self.balanced_finetuning()
 

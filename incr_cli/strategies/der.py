@@ -82,14 +82,11 @@ class DarkExperienceReplay(Strategy):
             # engine's growth to the task's classes is then a no-op, and evaluation still slices the seen ones
             self.model.head.grow(self.stream.n_classes)
 
-    def _replay_size(self, batch: Batch) -> int:
-        return self.replay_batch_size or len(batch)
-
     def draw(self, batch: Batch) -> list[Tensor]:
         """Memory rows of the step's replay batches: one for the logit term, a second for the label term."""
         if not len(self.memory):
             return []
-        return [self.memory.draw(self._replay_size(batch), self.rng) for _ in range(2 if self.beta else 1)]
+        return [self.memory.draw(self.replay_size(batch), self.rng) for _ in range(2 if self.beta else 1)]
 
     def objective(self, batch: Batch) -> tuple[Tensor, Tensor, list[Tensor]]:
         """The step's loss; the logits of its one forward pass over every class of the stream (the training
@@ -119,7 +116,5 @@ class DarkExperienceReplay(Strategy):
             optimization.step()
             # After the step, so a batch is never replayed on its own step. A skipped (non-finite) batch
             # is not stored: its logits would poison the memory.
-            features = self.features(batch.x) if self.memory.needs_features else None
-            stored = logits[: len(batch)].detach().float()
-            self.memory.add(batch.x, batch.y, self.rng, features=features, logits=stored)
+            self.remember_samples(batch.x, batch.y, logits=logits[: len(batch)].detach().float())
         return loss.detach()

@@ -132,8 +132,7 @@ class ERACE(Strategy):
         if self.task_id == 0 and not self.task_free:
             return F.cross_entropy(self.logits(batch), batch.y)
         n = len(batch)
-        if len(self.memory):
-            batch = batch.join(self.memory.sample(self.replay_batch_size or n, self.rng))
+        batch = self.with_replay(batch)
         logits = self.logits(batch)
         keep = incoming_logit_mask(batch.y[:n], self.seen[: logits.shape[1]])
         loss = masked_cross_entropy(logits[:n], batch.y[:n], keep)
@@ -144,10 +143,9 @@ class ERACE(Strategy):
     def training_step(self, batch: Batch, optimization: Optimization) -> Tensor:
         loss = super().training_step(batch, optimization)
         if self.to_offer > 0:
-            x, y = batch.x[: self.to_offer], batch.y[: self.to_offer]
-            features = self.features(x) if self.memory.needs_features else None
-            self.memory.add(x, y, self.rng, features=features)
-            self.to_offer -= len(y)
+            n = min(self.to_offer, len(batch))
+            self.remember_samples(batch.x[:n], batch.y[:n])
+            self.to_offer -= n
         return loss
 
     def state_dict(self) -> dict:

@@ -98,7 +98,7 @@ class GDumb(Strategy):
     def after_task(self, task: Task) -> None:
         order = torch.randperm(len(task.train_index), generator=self.rng, device=self.rng.device)
         rows = task.train_index[order.to(task.train_index.device)]
-        self.memory.add(self.stream.train_x[rows], self.stream.train_y[rows], self.rng)
+        self.remember_rows(rows)
         self.reinitialise()
         self.fit_memory()
 

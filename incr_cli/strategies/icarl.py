@@ -134,9 +134,7 @@ class ICaRL(PreviousTaskTeacher):
             self.model.head.grow(self.stream.n_classes)
 
     def training_indices(self, task: Task) -> Tensor:
-        if not len(self.memory):
-            return task.train_index
-        return torch.cat([task.train_index, self.memory.extras["index"].to(task.train_index.device)])
+        return self.rows_with_memory(task.train_index)
 
     def loss(self, batch: Batch) -> Tensor:
         x = self.context.preprocess(batch.x, self.rng)
@@ -150,11 +148,7 @@ class ICaRL(PreviousTaskTeacher):
         return icarl_loss(logits, batch.y, old_logits, "sum" if self.bce_reduction == "sum_seen" else "mean")
 
     def after_task(self, task: Task) -> None:
-        index = task.train_index
-        x, y = self.stream.train_x[index], self.stream.train_y[index]
-        features = self.features(x) if self.memory.needs_features else None
-        # the stream row of each exemplar travels with it, so that later tasks can train on it
-        self.memory.add(x, y, self.rng, features=features, index=index)
+        self.remember_rows(task.train_index, row_extra="index")
         self.update_class_means(seen=task.classes[-1] + 1)
 
     @torch.no_grad()

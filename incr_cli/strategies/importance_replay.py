@@ -80,7 +80,7 @@ class ImportanceReplay(Strategy):
     def loss(self, batch: Batch) -> Tensor:
         rows = None
         if len(self.memory):
-            rows = self.memory.draw(self.replay_batch_size or len(batch), self.rng)
+            rows = self.memory.draw(self.replay_size(batch), self.rng)
             incoming, batch = len(batch), batch.join(self.memory.batch(rows))
         logits = self.logits(batch)
         losses = F.cross_entropy(logits, batch.y, reduction="none")
@@ -98,7 +98,7 @@ class ImportanceReplay(Strategy):
         )  # a NaN batch changes nothing
 
     def after_task(self, task: Task) -> None:
-        x, y = self.stream.train_x[task.train_index], self.stream.train_y[task.train_index]
+        x, y = self.training_samples(task.train_index)
         self._keep_most_important(x, y, self.score(x, y))
 
     @torch.no_grad()

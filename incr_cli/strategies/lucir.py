@@ -121,7 +121,7 @@ class LUCIR(EmbeddingDistillation):
     def before_task(self, task: Task) -> None:
         super().before_task(task)
         if self.imprint and self.old_classes:
-            x, y = self.stream.train_x[task.train_index], self.stream.train_y[task.train_index]
+            x, y = self.training_samples(task.train_index)
             weight = self.model.head.weight
             with torch.no_grad():
                 norm = weight[: self.old_classes].norm(dim=1).mean()

@@ -107,7 +107,7 @@ class MER(Strategy):
             reptile(parameters, theta_a, self.beta)
         reptile(parameters, theta_0, self.gamma)
         if self.offered < self.task_size:  # the first epoch: each example offered once, as it arrives
-            self.memory.add(batch.x, batch.y, self.rng)
+            self.remember_samples(batch.x, batch.y)
             self.offered += len(batch)
         return first_loss
 
@@ -115,7 +115,7 @@ class MER(Strategy):
         """B_i: the incoming batch first, then k - 1 mini-batches from the memory (none while it is empty)."""
         if not len(self.memory):
             return [batch]
-        size = self.replay_batch_size or len(batch)
+        size = self.replay_size(batch)
         return [batch] + [self.memory.sample(size, self.rng) for _ in range(self.replay_batches)]
 
     def _sgd_step(self, batch: Batch, parameters: list[torch.nn.Parameter], optimization) -> Tensor | None:

@@ -186,7 +186,7 @@ class PODNet(EmbeddingDistillation):
     def before_task(self, task: Task) -> None:
         super().before_task(task)
         if self.imprint and self.old_classes:
-            x, y = self.stream.train_x[task.train_index], self.stream.train_y[task.train_index]
+            x, y = self.training_samples(task.train_index)
             phi = F.normalize(self.features(x), dim=1)
             proxies, k = self.model.head.proxies, self.per_class
             with torch.no_grad():

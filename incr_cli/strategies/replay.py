@@ -27,10 +27,8 @@ class Replay(Strategy):
         self.replay_batch_size = replay_batch_size
 
     def loss(self, batch: Batch) -> Tensor:
-        if len(self.memory):
-            batch = batch.join(self.memory.sample(self.replay_batch_size or len(batch), self.rng))
+        batch = self.with_replay(batch)
         return F.cross_entropy(self.logits(batch), batch.y)
 
     def after_task(self, task: Task) -> None:
-        x, y = self.stream.train_x[task.train_index], self.stream.train_y[task.train_index]
-        self.memory.add(x, y, self.rng, features=self.features(x) if self.memory.needs_features else None)
+        self.remember_rows(task.train_index)

@@ -355,11 +355,10 @@ class ExtendedDarkExperienceReplay(DarkExperienceReplay):
                 stored, fresh, self.memory.y, slice(first, None), self.gamma
             )
         # present: the task's samples, their past-class logits capped below their true-class logit
-        x, y = self.stream.train_x[task.train_index], self.stream.train_y[task.train_index]
+        x, y = self.training_samples(task.train_index)
         logits = self._task_end_logits(x)
         logits = implant_logits(logits, logits, y, slice(0, first), self.gamma)
-        features = self.features(x) if self.memory.needs_features else None
-        self.memory.add(x, y, self.rng, features=features, logits=logits)
+        self.remember_samples(x, y, logits=logits)
         self.replays.zero_()
 
     def state_dict(self) -> dict:
