@@ -7,72 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from incr_cli.data.batches import Batch
 from incr_cli.data.stream import Task
 from incr_cli.memory import Memory
 from incr_cli.strategies.base import Context
-from incr_cli.strategies.lwf import LearningWithoutForgetting, distillation_loss
-
-
-class ExemplarDistillation(LearningWithoutForgetting):
-    """The first stage that BiC (Wu et al. 2019) and WA (Zhao et al. 2020) share: the task's data and the
-    exemplar memory form one training set (each sample once per epoch, as the papers concatenate them, so
-    the old classes stay as under-represented as they are), and each step minimises
-
-        L = lambda * L_KD + (1 - lambda) * CE(f(x), y),    lambda = n / (n + m),
-
-    with n old and m new classes, CE over the n + m classes seen so far and L_KD the distillation over the
-    old classes at temperature T against the frozen network of the end of the previous task (LwF's frozen
-    copy, checkpointed): -sum_k softmax(o_old / T)_k log softmax(f(x)_old / T)_k. `distillation_loss` (no T^2
-    factor) is the KL divergence: this cross-entropy minus the soft targets' entropy, a constant, so the
-    gradients are the papers'. The memory keeps each exemplar's row in the stream's training
-    tensors (an `index` extra) so that the engine's batches can draw exemplars and new samples together;
-    after each task the task's training data are offered to the memory (herding, as iCaRL's, by default)."""
-
-    def __init__(self, memory: Memory, temperature: float = 2.0):
-        if temperature <= 0:
-            raise ValueError(f"temperature={temperature} must be > 0")
-        super().__init__(alpha=1.0, temperature=temperature)
-        self.memory = memory
-
-    def memory_index(self) -> Tensor:
-        """Rows of the stream's training tensors that the memory holds."""
-        if not len(self.memory):
-            return torch.zeros(0, dtype=torch.long, device=self.context.device)
-        return self.memory.extras["index"]
-
-    def training_indices(self, task: Task) -> Tensor:
-        return torch.cat([task.train_index, self.memory_index().to(task.train_index.device)])
-
-    def calibrated(self, logits: Tensor) -> Tensor:
-        """Logits as the method scores them (BiC corrects those of earlier tasks' classes)."""
-        return logits
-
-    def trained(self, logits: Tensor) -> Tensor:
-        """Logits of the network being trained as its stage-1 loss sees them (BiC: corrected or raw)."""
-        return self.calibrated(logits)
-
-    def loss(self, batch: Batch) -> Tensor:
-        x = self.context.preprocess(batch.x, self.rng)
-        logits = self.trained(self.model(x))
-        loss = F.cross_entropy(logits, batch.y)
-        if self.old_model is None:
-            return loss
-        with torch.no_grad():
-            old_logits = self.calibrated(self.old_model(x))[:, : self.old_classes]
-        distillation = distillation_loss(logits[:, : self.old_classes], old_logits, self.temperature)
-        weight = self.old_classes / logits.shape[1]  # lambda = n / (n + m)
-        return weight * distillation + (1 - weight) * loss
-
-    def remember(self, task: Task, rows: Tensor | None = None) -> None:
-        """Offer the task's training rows (or `rows` of them) to the memory."""
-        rows = task.train_index if rows is None else rows
-        x, y = self.stream.train_x[rows], self.stream.train_y[rows]
-        features = self.features(x) if self.memory.needs_features else None
-        self.memory.add(x, y, self.rng, features=features, index=rows)
-
-    def after_task(self, task: Task) -> None:
-        self.remember(task)
+from incr_cli.strategies.exemplar_distillation import ExemplarDistillation
 
 
 def fit_bias_correction(
@@ -254,13 +192,15 @@ class BiasCorrection(ExemplarDistillation):
         new = self._new_rows(task)
         keep = torch.ones(len(self.memory), dtype=torch.bool, device=self.context.device)
         keep[self.val_rows] = False
-        return torch.cat([new, self.memory_index()[keep].to(new.device)])
+        return torch.cat([new, self.memory_rows()[keep].to(new.device)])
 
     # ------------------------------------------------------------------ stage 2
     def after_task(self, task: Task) -> None:
         if self.old_classes and len(self.val_index):
             self.correct_bias(task)
-        self.remember(task, self._new_rows(task) if self.validation == "held_out" else None)
+        self.remember_rows(
+            self._new_rows(task) if self.validation == "held_out" else task.train_index, row_extra="index"
+        )
 
     @torch.no_grad()
     def correct_bias(self, task: Task) -> None:

@@ -11,7 +11,7 @@ from torch import Tensor
 from incr_cli.data.batches import Batch
 from incr_cli.data.stream import Task
 from incr_cli.memory import Memory
-from incr_cli.strategies.bic import ExemplarDistillation
+from incr_cli.strategies.exemplar_distillation import ExemplarDistillation
 
 if TYPE_CHECKING:
     from incr_cli.engine import Optimization
@@ -69,7 +69,7 @@ class WeightAligning(ExemplarDistillation):
     def after_task(self, task: Task) -> None:
         if self.old_classes:
             self.gammas.append(align_weights(self.model.head.weight, self.old_classes))
-        self.remember(task)
+        super().after_task(task)
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "gammas": list(self.gammas)}
