@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import nullcontext
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from incr_cli.data.batches import Batch
 from incr_cli.data.stream import Task
 from incr_cli.memory import Memory
-from incr_cli.models.expandable import ExpandableBackbone
-from incr_cli.strategies.base import Context, Strategy
+from incr_cli.strategies.growing import GrowingNetwork
 from incr_cli.strategies.wa import align_weights
-
-if TYPE_CHECKING:
-    from incr_cli.engine import Optimization
 
 BIAS_CORRECTIONS = ("weight_align", "classifier_relearn", "none")
 
@@ -39,112 +31,6 @@ def balanced_subset(rows: Tensor, labels: Tensor, generator: torch.Generator) ->
         order = torch.randperm(len(members), generator=generator, device=generator.device)
         chosen.append(members[order[:keep].to(members.device)])
     return torch.cat(chosen)
-
-
-class _PlainSteps:
-    """Full-precision steps for a second stage that found no engine step runner to copy (a run resumed just
-    after its task's last step): backward and step, as the engine's runner does without mixed precision."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer):
-        self.optimizer = optimizer
-
-    def autocast(self):
-        return nullcontext()
-
-    def backward(self, loss: Tensor) -> bool:
-        loss.backward()
-        return True
-
-    def step(self) -> None:
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-
-
-class GrowingNetwork(Strategy):
-    """What DER and FOSTER share: an `ExpandableBackbone` that gains one extractor per task (the head gains
-    the matching input columns), an auxiliary classifier on the newest extractor's features while a task
-    trains, and an exemplar memory that joins the task's training set (PyCIL's `appendent` data) rather
-    than each batch. The memory keeps, with each sample, its row in the stream's training tensors, so the
-    engine's batches cut from task data and memory alike; its size and bytes are reported as any memory's."""
-
-    scenarios = ("class_il", "task_il")  # old classes are "the head minus this task's": none in domain-IL
-
-    def __init__(self, memory: Memory):
-        self.memory = memory
-        self._step_runner: Optimization | None = None
-
-    def setup(self, context: Context) -> None:
-        super().setup(context)
-        if not isinstance(self.model.backbone, ExpandableBackbone):
-            self.model.backbone = ExpandableBackbone([self.model.backbone])
-
-    @property
-    def backbone(self) -> ExpandableBackbone:
-        return self.model.backbone
-
-    def expand(self) -> nn.Module:
-        """A new trainable extractor (a copy of the newest one), all others frozen; the head widens to match."""
-        extractor = self.backbone.expand()
-        self.model.head.widen(extractor.feature_dim)
-        return extractor
-
-    def add_auxiliary_head(self, n_outputs: int) -> None:
-        """A linear classifier on the newest extractor's features, trained with the model this task only."""
-        head = nn.Linear(self.backbone.extractors[-1].feature_dim, n_outputs)  # drawn on the CPU: any device
-        self.model.auxiliary_head = head.to(self.context.device)
-
-    def remove_auxiliary_head(self) -> None:
-        if hasattr(self.model, "auxiliary_head"):
-            del self.model.auxiliary_head
-
-    @property
-    def auxiliary_outputs(self) -> int:
-        head = getattr(self.model, "auxiliary_head", None)
-        return 0 if head is None else head.out_features
-
-    def training_step(self, batch: Batch, optimization: Optimization) -> Tensor:
-        self._step_runner = optimization  # its precision and non-finite policy also run the second stage
-        return super().training_step(batch, optimization)
-
-    def stage_steps(self, optimizer: torch.optim.Optimizer, where: Callable[[], str]):
-        """A step runner for a training stage of the method's own (FOSTER's compression, DER's classifier
-        re-learning) on its own optimizer: the engine's runner of this task's steps, rebuilt around that
-        optimizer with a fresh loss scaler, so that mixed precision and the non-finite guard hold there too."""
-        runner = self._step_runner
-        if runner is None:
-            return _PlainSteps(optimizer)
-        hardware = runner.hardware
-        return type(runner)(optimizer, hardware.grad_scaler(), hardware, runner.on_nonfinite, where)
-
-    def training_indices(self, task: Task) -> Tensor:
-        if not len(self.memory):
-            return task.train_index
-        return torch.cat([task.train_index, self.memory.extras["row"].to(task.train_index.device)])
-
-    def remember(self, task: Task) -> None:
-        """Offer the task's training samples to the memory (herding on the features of the model as it
-        ends the task, PyCIL's `build_rehearsal_memory`), each with its row in the stream."""
-        rows = task.train_index
-        if self.memory.size == 0 or len(rows) == 0:
-            return
-        x, y = self.stream.train_x[rows], self.stream.train_y[rows]
-        features = self.features(x) if self.memory.needs_features else None
-        self.memory.add(x, y, self.rng, features=features, row=rows)
-
-    def state_dict(self) -> dict:
-        state = super().state_dict()
-        state["extractors"] = len(self.backbone)
-        state["auxiliary_outputs"] = self.auxiliary_outputs
-        return state
-
-    def restore_structure(self, state: dict) -> None:
-        for _ in range(int(state["extractors"]) - len(self.backbone)):
-            self.expand()
-        if state["auxiliary_outputs"]:
-            self.add_auxiliary_head(int(state["auxiliary_outputs"]))
 
 
 class DynamicallyExpandableRepresentation(GrowingNetwork):
@@ -265,21 +151,13 @@ class DynamicallyExpandableRepresentation(GrowingNetwork):
         head.bias.requires_grad_(False)
         was_training = self.model.training
         self.model.eval()  # batch-norm statistics stay; the augmentation still applies (training transform)
-        batch_size = self.context.batch_size
-        for _ in range(self.relearn_epochs):
-            order = torch.randperm(len(rows), generator=self.rng, device=self.rng.device).to(rows.device)
-            for first in range(0, len(order), batch_size):
-                batch_rows = rows[order[first : first + batch_size]]
-                x = self.context.preprocess(self.stream.train_x[batch_rows], self.rng)
-                with steps.autocast():
-                    with torch.no_grad():
-                        features = self.model.backbone(x)
-                    logits = head(features).float()
-                    loss = F.cross_entropy(logits / self.relearn_temperature, self.stream.train_y[batch_rows])
-                if steps.backward(loss):
-                    steps.step()
-            scheduler.step()
-        steps.zero_grad()
+
+        def relearn_loss(x: Tensor, y: Tensor) -> Tensor:
+            with torch.no_grad():
+                features = self.model.backbone(x)
+            return F.cross_entropy(head(features).float() / self.relearn_temperature, y)
+
+        self.run_stage(rows, self.relearn_epochs, steps, scheduler, relearn_loss)
         head.bias.requires_grad_(bias_grad)
         self.model.train(was_training)
 

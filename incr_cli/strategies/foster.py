@@ -13,7 +13,7 @@ from incr_cli.data.stream import Task
 from incr_cli.memory import Memory
 from incr_cli.models.expandable import ExpandableBackbone
 from incr_cli.models.head import IncrementalClassifier
-from incr_cli.strategies.der_expandable import GrowingNetwork
+from incr_cli.strategies.growing import GrowingNetwork
 from incr_cli.strategies.wa import align_weights
 
 
@@ -223,27 +223,17 @@ class FeatureBoostingAndCompression(GrowingNetwork):
         steps = self.stage_steps(
             optimizer, lambda: f"task {task.id + 1}, compression epoch {scheduler.last_epoch + 1}"
         )
-        rows = self.training_indices(task)
-        batch_size = self.context.batch_size
         was_training = teacher.training
         teacher.eval()
         student.train()
-        for _ in range(epochs):
-            order = torch.randperm(len(rows), generator=self.rng, device=self.rng.device).to(rows.device)
-            for first in range(0, len(order), batch_size):
-                batch_rows = rows[order[first : first + batch_size]]
-                x = self.context.preprocess(self.stream.train_x[batch_rows], self.rng)
-                with steps.autocast():
-                    with torch.no_grad():
-                        teacher_logits = teacher(x)
-                    student_logits = student_head(student_backbone(x))
-                    loss = distillation(
-                        student_logits, teacher_logits, self.temperature, self.compression_weights
-                    )
-                if steps.backward(loss):
-                    steps.step()
-            scheduler.step()
-        steps.zero_grad()
+
+        def compression_loss(x: Tensor, y: Tensor) -> Tensor:
+            with torch.no_grad():
+                teacher_logits = teacher(x)
+            student_logits = student_head(student_backbone(x))
+            return distillation(student_logits, teacher_logits, self.temperature, self.compression_weights)
+
+        self.run_stage(self.training_indices(task), epochs, steps, scheduler, compression_loss)
         teacher.train(was_training)
         student.train(was_training)
         return student
