@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import json
@@ -15,6 +14,8 @@ import numpy as np
 import torch
 
 from incr_cli import faults
+from incr_cli.errors import DiskFull
+from incr_cli.files import atomic_write
 
 FORMAT = "incr-checkpoint"
 VERSION = 1
@@ -50,30 +51,6 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def atomic_write(path: Path, write: callable) -> None:
-    """Write through a temporary file in the same folder, fsync it, then rename over `path`: a kill at any
-    instant leaves either the old file or the new one, never a torn one. `write(handle)` fills the file."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(temporary, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-    except OSError as error:
-        temporary.unlink(missing_ok=True)
-        if error.errno == errno.ENOSPC:
-            raise CheckpointError(
-                f"no space left on the device while writing {path}; the previous file is intact"
-            ) from None
-        raise
-
-
 def save(path: Path, state: dict[str, Any]) -> None:
     payload = {"format": FORMAT, "version": VERSION, **state}
     buffer = io.BytesIO()
@@ -85,7 +62,10 @@ def save(path: Path, state: dict[str, Any]) -> None:
         faults.reach("checkpoint_write")
         handle.write(data[len(data) // 2 :])
 
-    atomic_write(path, write)
+    try:
+        atomic_write(path, write)
+    except DiskFull as error:
+        raise CheckpointError(error.strerror) from None
 
 
 def link(target: Path, name: Path) -> None:
@@ -136,10 +116,6 @@ def remove_stale_temporaries(folder: Path) -> None:
         stale.unlink(missing_ok=True)
     for stale in folder.glob(".*.link-*"):
         stale.unlink(missing_ok=True)
-
-
-def write_json(path: Path, data: Any) -> None:
-    atomic_write(path, lambda handle: handle.write(json.dumps(data, indent=2).encode()))
 
 
 def rng_state(run_generator: torch.Generator) -> dict[str, Any]:

@@ -8,8 +8,8 @@ import sys
 from collections.abc import Callable
 
 from incr_cli import __version__
-from incr_cli.config import ConfigError
 from incr_cli.console import fail
+from incr_cli.errors import ConfigError
 
 
 def train(argv: list[str]) -> int:

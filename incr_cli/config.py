@@ -12,13 +12,11 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from incr_cli.errors import ConfigError
+
 DEVICES = ("auto", "cpu", "cuda")
 AMP_DTYPES = ("bfloat16", "float16")
 NONFINITE_ACTIONS = ("stop", "skip_batch")
-
-
-class ConfigError(ValueError):
-    """A bad value in the composed config; the CLI prints it as one line and exits with status 2."""
 
 
 def config_dir() -> Path:

@@ -6,14 +6,12 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 import resource
 import signal
 import threading
 import time
-from collections.abc import Callable
-from contextlib import closing, contextmanager, nullcontext
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,14 +20,16 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from incr_cli import checkpoint, distributed, estimate, faults, metrics, plots
-from incr_cli.config import ConfigError, to_container
+from incr_cli import checkpoint, distributed, estimate, faults, files, metrics, plots
+from incr_cli.config import to_container
 from incr_cli.console import TrainingProgress, accuracy_table, console, summary_table, training_warnings
 from incr_cli.data.batches import DeviceBatches, Preprocess, eval_batches
 from incr_cli.data.sources import load_source
 from incr_cli.data.stream import Stream, build_stream
+from incr_cli.errors import ConfigError
 from incr_cli.loggers import RunLoggers
 from incr_cli.models.head import IncrementalNet
+from incr_cli.step import StepRunner, setup_hardware
 from incr_cli.strategies.base import Context, Strategy
 
 log = logging.getLogger("incr")
@@ -51,92 +51,12 @@ def resume_hash(config: dict) -> str:
     return checkpoint.config_hash({**config, "train": train})
 
 
-class NonFiniteLoss(RuntimeError):
-    """A NaN or infinite loss with train.on_nonfinite=stop."""
-
-
 class Interrupted(RuntimeError):
     """SIGINT or SIGTERM arrived; a checkpoint was written first."""
 
     def __init__(self, message: str, signal_number: int):
         super().__init__(message)
         self.signal_number = signal_number
-
-
-class Optimization:
-    """The engine's half of a training step, handed to `Strategy.training_step`: mixed precision, the
-    scaled backward pass with the non-finite guard, and the optimizer step."""
-
-    def __init__(self, optimizer, scaler, hardware: Hardware, on_nonfinite: str, where: Callable[[], str]):
-        self.optimizer, self.scaler, self.hardware = optimizer, scaler, hardware
-        self.on_nonfinite, self.where = on_nonfinite, where
-        self.parameters = [p for group in optimizer.param_groups for p in group["params"]]
-        self.weight = 1.0  # hardware=ddp: the current batch's share, set by the engine per batch
-
-    def autocast(self):
-        return self.hardware.autocast()
-
-    def backward(self, loss: torch.Tensor) -> bool:
-        """Backpropagate `loss`; False when the batch is to be skipped (non-finite, on_nonfinite=skip_batch)."""
-        # One scalar read per step (a host sync on a GPU): the price of naming the exact step and of
-        # skipping a batch before it touches the weights.
-        nonfinite = not torch.isfinite(loss)
-        if distributed.active():  # every rank skips or stops together
-            (nonfinite,) = distributed.agree(nonfinite)
-        if nonfinite:
-            if self.on_nonfinite == "skip_batch":
-                log.warning("non-finite loss (%s) at %s: batch skipped", loss.item(), self.where())
-                self.optimizer.zero_grad(set_to_none=True)
-                return False
-            raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at {self.where()}; the last good checkpoint is "
-                                "kept (train.on_nonfinite=skip_batch skips such batches instead)")  # fmt: skip
-        self.scaler.scale(loss).backward()
-        if distributed.active():
-            distributed.average_gradients(self.parameters, self.weight)
-        return True
-
-    def step(self) -> None:
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-
-
-@dataclass
-class Hardware:
-    device: torch.device
-    autocast_dtype: torch.dtype | None  # None: full precision
-
-    def autocast(self):
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
-
-    def grad_scaler(self) -> torch.amp.GradScaler:
-        # Loss scaling is only needed for float16's narrow exponent range (Micikevicius et al. 2018).
-        return torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
-
-
-def setup_hardware(cfg: DictConfig) -> Hardware:
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            "hardware=gpu (hardware.device=cuda) but no CUDA GPU is visible; use hardware=cpu or auto"
-        )
-    if cfg.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.backends.cudnn.benchmark = True
-    dtype = getattr(torch, cfg.amp_dtype) if cfg.amp else None
-    if cfg.distributed:
-        return Hardware(distributed.start("cuda" if cuda else "cpu"), dtype)
-    return Hardware(torch.device("cuda" if cuda else "cpu"), dtype)
 
 
 def seed_everything(seed: int) -> None:
@@ -318,7 +238,7 @@ class Run:
         self.progress.start_task(task.id, self.epochs, task.id)
         log.info("task %d/%d: classes %s, %d training samples",
                  task.id + 1, len(self.stream.tasks), [self.stream.class_names[c] for c in task.classes], len(indices))  # fmt: skip
-        optimization = Optimization(optimizer, scaler, self.hardware, cfg.train.on_nonfinite, self._where)
+        runner = StepRunner(optimizer, scaler, self.hardware, cfg.train.on_nonfinite, self._where)
         n_batches = len(batches)
         # a one-epoch task's loss check compares its first tenth of batches with its last tenth
         window = max(1, n_batches // 10)
@@ -337,8 +257,8 @@ class Run:
             epoch_seconds, epoch_samples = 0.0, 0
             tick = time.perf_counter()
             for batch in batches.epoch(position.epoch, start=position.batch):
-                optimization.weight = batch.weight
-                self._epoch_loss += self.strategy.training_step(batch, optimization).float()
+                runner.weight = batch.weight
+                self._epoch_loss += self.strategy.training_step(batch, runner).float()
                 position.batch += 1
                 position.step += 1
                 # one-epoch first task: copies of the running sum on the device, read at the epoch's end
@@ -556,14 +476,14 @@ class Run:
         if not self.writes:
             return
         m = self.metrics
-        checkpoint.write_json(self.run_dir / "metrics.json", m)
+        files.write_json(self.run_dir / "metrics.json", m)
         shown, label = metrics.shown_accuracy(m)
         matrix = m[shown]["accuracy_matrix"]
         if not matrix:
             return
         header = "after_task," + ",".join(f"task_{j + 1}" for j in range(len(matrix[0])))
         lines = [header] + [f"{i + 1}," + ",".join(f"{v:.6f}" for v in row) for i, row in enumerate(matrix)]
-        checkpoint.atomic_write(
+        files.atomic_write(
             self.run_dir / "accuracy_matrix.csv", lambda h: h.write(("\n".join(lines) + "\n").encode())
         )
         if not plots_too:

@@ -243,8 +243,9 @@ def eval_config(loaded: Loaded, overrides: Sequence[str], whole_folder: bool = F
     with dataset=image_folder takes the model's image size and channels unless they are given. With
     `whole_folder` the folder is not checked as a data set to split and cut into tasks (`folder_stream` reads
     it whole, in the run's tasks)."""
-    from incr_cli.config import ConfigError, check_stream
+    from incr_cli.config import check_stream
     from incr_cli.data.sources import check_available
+    from incr_cli.errors import ConfigError
 
     cfg = OmegaConf.create(OmegaConf.to_container(loaded.cfg))
     parsed = []
@@ -342,7 +343,7 @@ def evaluate(loaded: Loaded, overrides: Sequence[str] = (), split: str | None = 
     own by default), with the trained tasks' precision, recall, F1 and confusion, as the engine measures them.
     `split="folder"` (the default when dataset.folder is given) scores every image of the folder instead, each
     in the task the run trained its class in."""
-    from incr_cli.engine import Hardware
+    from incr_cli.step import Hardware
 
     split = eval_split(loaded, overrides, split)
     cfg = eval_config(loaded, overrides, whole_folder=split == "folder")
@@ -385,9 +386,9 @@ def evaluate(loaded: Loaded, overrides: Sequence[str] = (), split: str | None = 
 
 def test_stream(loaded: Loaded, cfg: DictConfig):
     """The data set's test stream (or held-out part) as `incr train` splits it, at the model's pixel levels."""
-    from incr_cli.config import ConfigError
     from incr_cli.data.sources import load_source
     from incr_cli.data.stream import build_stream
+    from incr_cli.errors import ConfigError
 
     if list(cfg.dataset.input_shape) != list(loaded.input_shape):
         raise InferenceError(f"{cfg.dataset.name}'s images are {list(cfg.dataset.input_shape)}; the model takes "
@@ -409,8 +410,8 @@ def folder_stream(loaded: Loaded, cfg: DictConfig, overrides: Sequence[str]):
     """Every image of an image folder (of its test/ folder, where it is split into train/ and test/) as the
     test set of the run's own tasks: a class folder is matched to the run's class of that name, and the image
     goes to the task the run learned that class in. Returns the stream and the files skipped as unreadable."""
-    from incr_cli.config import ConfigError
     from incr_cli.data.image_folder import BAD_FILE_ACTIONS, _class_files, _image_size, _root
+    from incr_cli.errors import ConfigError
 
     check_folder_overrides(loaded, cfg, overrides)
     try:
@@ -722,8 +723,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _run(command, argv: list[str]) -> int:
-    from incr_cli.config import ConfigError
     from incr_cli.console import fail
+    from incr_cli.errors import ConfigError
 
     try:
         return command(argv)
@@ -752,8 +753,8 @@ def eval_command(argv: list[str]) -> int:
 
 
 def _eval(argv: list[str]) -> int:
-    from incr_cli.checkpoint import CheckpointError, write_json
     from incr_cli.console import console
+    from incr_cli.files import write_json
 
     parser = _Parser(prog="incr eval", description="Accuracy of a checkpoint on every task of a data set's test "
                      "stream (the run's own by default), the tables of incr train. A folder given with "
@@ -787,7 +788,7 @@ def _eval(argv: list[str]) -> int:
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
             write_json(out, result)
-        except (OSError, CheckpointError) as error:
+        except OSError as error:  # a full disk included
             raise InferenceError(
                 f"writing {out} failed ({getattr(error, 'strerror', None) or error})"
             ) from None

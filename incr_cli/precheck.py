@@ -14,7 +14,8 @@ from hydra.errors import HydraException, MissingConfigException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from incr_cli.config import ConfigError, check_config, config_dir, register_schema, to_container
+from incr_cli.config import check_config, config_dir, register_schema, to_container
+from incr_cli.errors import ConfigError
 
 # Flags after which Hydra prints or inspects instead of training.
 INSPECTION_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc",

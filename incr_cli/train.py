@@ -16,8 +16,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from incr_cli.config import ConfigError, check_config, config_dir, register_schema
+from incr_cli.config import check_config, config_dir, register_schema
 from incr_cli.console import console, fail
+from incr_cli.errors import ConfigError
 from incr_cli.precheck import override_key, sweep_dir
 
 log = logging.getLogger("incr")
@@ -31,7 +32,9 @@ def train_job(cfg: DictConfig) -> float | None:
 
     from incr_cli import distributed
     from incr_cli.checkpoint import CheckpointError
-    from incr_cli.engine import Interrupted, NonFiniteLoss, Run  # torch loads once the config is known good
+    from incr_cli.engine import Interrupted, Run
+    from incr_cli.errors import DiskFull
+    from incr_cli.step import NonFiniteLoss  # torch loads once the config is known good
 
     hydra_config = HydraConfig.get()
     in_sweep = hydra_config.mode == RunMode.MULTIRUN
@@ -63,7 +66,7 @@ def train_job(cfg: DictConfig) -> float | None:
         if run is None:  # building the run failed, not its training: Hydra reports it
             raise
         # a non-finite loss, a full disk, or a fault in a method: the run is marked failed, a sweep goes on
-        expected = isinstance(error, (NonFiniteLoss, CheckpointError))
+        expected = isinstance(error, (NonFiniteLoss, CheckpointError, DiskFull))
         message = str(error) if expected else f"{type(error).__name__}: {error}"
         record_failure(run, message)
         if not (in_sweep or expected):
@@ -81,13 +84,11 @@ def train_job(cfg: DictConfig) -> float | None:
 
 def record_failure(run, message: str) -> None:
     """metrics.json says the run failed and why; its checkpoints stay, for resume to continue from."""
-    from incr_cli.checkpoint import CheckpointError
-
     run.metrics["run"]["status"] = "failed"
     run.metrics["run"]["error"] = message
     try:
         run.write_results()
-    except (OSError, CheckpointError):  # the disk may be what failed
+    except OSError:  # the disk may be what failed (a full one included)
         pass
 
 

@@ -15,9 +15,9 @@ from torch import nn
 from incr_cli import checkpoint
 from incr_cli.data.batches import Batch, Preprocess
 from incr_cli.data.stream import Stream, Task
-from incr_cli.engine import Hardware, Optimization
 from incr_cli.memory import Memory
 from incr_cli.models.head import IncrementalNet
+from incr_cli.step import Hardware, StepRunner
 from incr_cli.strategies.base import Context
 from incr_cli.strategies.der import DarkExperienceReplay
 from incr_cli.strategies.xder import (
@@ -124,10 +124,8 @@ def test_der_stores_each_batch_after_its_step_with_the_logits_it_was_trained_wit
     der.before_task(der.stream.tasks[0])
     optimizer = torch.optim.SGD(der.model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    optimization = Optimization(
-        optimizer, scaler, Hardware(torch.device("cpu"), None), "stop", lambda: "test"
-    )
-    der.training_step(Batch(image(2, 0), torch.tensor([0])), optimization)
+    runner = StepRunner(optimizer, scaler, Hardware(torch.device("cpu"), None), "stop", lambda: "test")
+    der.training_step(Batch(image(2, 0), torch.tensor([0])), runner)
     # the memory was empty, so the batch trained alone; then it went in with the logits of the forward pass
     # before the step, over all three classes: W @ (2, 0) = (2, 0, 2)
     assert memory.y.tolist() == [0]

@@ -130,14 +130,14 @@ def test_the_memory_is_filled_online_once_per_sample():
     strategy, _ = tiny_er_ace(memory_size=3)
     strategy.to_offer = 4  # the task has four samples: only the first epoch offers them
     # an engine half that never updates the model: only the memory changes
-    optimization = SimpleNamespace(autocast=nullcontext, backward=lambda loss: False)
+    runner = SimpleNamespace(autocast=nullcontext, backward=lambda loss: False)
     batches = [Batch(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), torch.tensor([2, 3, 2])),
                Batch(torch.tensor([[2.0, 0.0], [0.0, 2.0]]), torch.tensor([3, 2]))]  # fmt: skip
-    strategy.training_step(batches[0], optimization)
+    strategy.training_step(batches[0], runner)
     assert len(strategy.memory) == 3 and strategy.to_offer == 1
-    strategy.training_step(batches[1], optimization)  # only the first of its two samples is new
+    strategy.training_step(batches[1], runner)  # only the first of its two samples is new
     assert strategy.memory.n_seen == 4 and strategy.to_offer == 0
-    strategy.training_step(batches[0], optimization)  # second epoch: nothing offered
+    strategy.training_step(batches[0], runner)  # second epoch: nothing offered
     assert strategy.memory.n_seen == 4
 
 

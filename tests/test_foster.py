@@ -205,13 +205,13 @@ def test_student_option_ends_the_task_with_the_compressed_model():
 def test_compression_steps_run_through_the_engine_step_runner_under_mixed_precision(monkeypatch):
     # The compression copies the runner of the task's steps (precision, loss scaler, non-finite policy):
     # its loss is computed under the run's bf16 autocast, as the boosting's is.
-    from incr_cli import engine
+    from incr_cli import step
     from incr_cli.strategies import foster
 
     strategy = tiny_foster(compression_epochs=1)
-    hardware = engine.Hardware(torch.device("cpu"), torch.bfloat16)
+    hardware = step.Hardware(torch.device("cpu"), torch.bfloat16)
     optimizer = strategy.context.make_optimizer(strategy.model.parameters())
-    runner = engine.Optimization(optimizer, hardware.grad_scaler(), hardware, "stop", lambda: "test")
+    runner = step.StepRunner(optimizer, hardware.grad_scaler(), hardware, "stop", lambda: "test")
     strategy.training_step(Batch(strategy.stream.train_x[:4], strategy.stream.train_y[:4] + 2), runner)
     autocast = []
 

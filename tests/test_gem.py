@@ -14,7 +14,8 @@ from conftest import assert_resumes_exactly, compose_config, final_accuracy, run
 from incr_cli import faults
 from incr_cli.cli import main
 from incr_cli.data.batches import Batch
-from incr_cli.engine import Hardware, Optimization, Run
+from incr_cli.engine import Run
+from incr_cli.step import Hardware, StepRunner
 from incr_cli.strategies import gradients
 from incr_cli.strategies.agem import agem_projection
 from incr_cli.strategies.base import Strategy
@@ -149,7 +150,7 @@ def change_after_one_step(run: Run, batch: Batch, step, lr: float) -> torch.Tens
     before = memory_losses(run)
     optimizer = torch.optim.SGD(run.model.parameters(), lr=lr)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    step(batch, Optimization(optimizer, scaler, Hardware(torch.device("cpu"), None), "stop", lambda: "test"))
+    step(batch, StepRunner(optimizer, scaler, Hardware(torch.device("cpu"), None), "stop", lambda: "test"))
     change = memory_losses(run) - before
     run.model.load_state_dict(saved)
     return change

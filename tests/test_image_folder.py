@@ -16,9 +16,9 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from incr_cli.cli import main
-from incr_cli.config import ConfigError
 from incr_cli.data import image_folder
 from incr_cli.data.sources import load_source
+from incr_cli.errors import ConfigError
 
 DIGIT_CLASSES = 6  # digits 0-5: three tasks of two classes
 

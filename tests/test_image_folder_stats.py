@@ -15,9 +15,10 @@ from PIL import Image
 
 from incr_cli import inference
 from incr_cli.cli import main
-from incr_cli.config import ConfigError, check_config
+from incr_cli.config import check_config
 from incr_cli.data import image_folder
 from incr_cli.data.sources import load_source
+from incr_cli.errors import ConfigError
 
 SIZE = (5, 6)  # width, height of every file: decoded as stored (image_size=null), no resampling
 

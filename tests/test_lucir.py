@@ -16,10 +16,10 @@ from torch import nn
 
 from incr_cli.data.batches import Batch, Preprocess
 from incr_cli.data.stream import Stream, Task
-from incr_cli.engine import Hardware, Optimization
 from incr_cli.memory import Memory
 from incr_cli.models.head import IncrementalNet
 from incr_cli.models.resnet import ResNet18, ResNet32
+from incr_cli.step import Hardware, StepRunner
 from incr_cli.strategies.base import Context
 from incr_cli.strategies.cosine import embed, embedding_distillation
 from incr_cli.strategies.lucir import LUCIR, margin_ranking_loss
@@ -67,9 +67,9 @@ def lucir_after_first_task(**options) -> LUCIR:
 
 def sgd_step(strategy, optimizer: torch.optim.Optimizer, batch: Batch) -> None:
     """One engine training step, full precision on the CPU."""
-    optimization = Optimization(optimizer, torch.amp.GradScaler("cpu", enabled=False),
+    runner = StepRunner(optimizer, torch.amp.GradScaler("cpu", enabled=False),
                                 Hardware(torch.device("cpu"), None), "stop", lambda: "here")  # fmt: skip
-    strategy.training_step(batch, optimization)
+    strategy.training_step(batch, runner)
 
 
 def test_exemplars_join_the_task_training_set():

@@ -12,9 +12,9 @@ from torch import nn
 
 from incr_cli.data.batches import Batch
 from incr_cli.data.stream import Task
-from incr_cli.engine import Hardware, Optimization
 from incr_cli.memory import Memory
 from incr_cli.models.head import IncrementalNet
+from incr_cli.step import Hardware, StepRunner
 from incr_cli.strategies.base import Context
 from incr_cli.strategies.mer import MER, reptile
 
@@ -51,8 +51,8 @@ def train_one_batch(mer: MER, x: float = 1.0, on_nonfinite: str = "stop") -> dic
     optimizer = torch.optim.SGD(mer.model.parameters(), lr=0.0)  # the engine's; MER steps by itself
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     hardware = Hardware(torch.device("cpu"), None)
-    optimization = Optimization(optimizer, scaler, hardware, on_nonfinite, lambda: "test")
-    mer.training_step(Batch(torch.full((1, 1), x), torch.zeros(1, dtype=torch.long)), optimization)
+    runner = StepRunner(optimizer, scaler, hardware, on_nonfinite, lambda: "test")
+    mer.training_step(Batch(torch.full((1, 1), x), torch.zeros(1, dtype=torch.long)), runner)
     return {"weight": mer.model.head.weight.detach().flatten(), "bias": mer.model.head.bias.detach()}
 
 

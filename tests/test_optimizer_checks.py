@@ -8,7 +8,8 @@ import pytest
 from conftest import compose_config
 
 from incr_cli.cli import main
-from incr_cli.config import ConfigError, check_recipe, config_dir
+from incr_cli.config import check_recipe, config_dir
+from incr_cli.errors import ConfigError
 
 
 def one_line_error(capsys, tmp_path, overrides: list[str]) -> str:

@@ -13,11 +13,11 @@ from omegaconf import OmegaConf
 
 from incr_cli.data.batches import Batch, Preprocess
 from incr_cli.data.stream import Stream, Task
-from incr_cli.engine import Hardware, Optimization
 from incr_cli.memory import Memory
 from incr_cli.models.head import IncrementalNet
 from incr_cli.models.mlp import MLP
 from incr_cli.models.resnet import ResNet32
+from incr_cli.step import Hardware, StepRunner
 from incr_cli.strategies.base import Context
 from incr_cli.strategies.cosine import embed, embedding_distillation
 from incr_cli.strategies.podnet import PODNet, local_similarity, nca_loss, pod_spatial, stage_modules
@@ -125,11 +125,11 @@ def test_old_proxies_stay_frozen_while_new_proxies_train():
     before = proxies.detach().clone()
     backbone = [p.detach().clone() for p in podnet.model.backbone.parameters()]
     optimizer = torch.optim.SGD(podnet.model.parameters(), lr=0.5, momentum=0.9, weight_decay=0.1)
-    optimization = Optimization(optimizer, torch.amp.GradScaler("cpu", enabled=False),
+    runner = StepRunner(optimizer, torch.amp.GradScaler("cpu", enabled=False),
                                 Hardware(torch.device("cpu"), None), "stop", lambda: "here")  # fmt: skip
     rows = podnet.training_indices(stream.tasks[1])
     for _ in range(2):
-        podnet.training_step(Batch(stream.train_x[rows], stream.train_y[rows]), optimization)
+        podnet.training_step(Batch(stream.train_x[rows], stream.train_y[rows]), runner)
     assert torch.equal(proxies[:4], before[:4])
     assert not torch.allclose(proxies[4:6], before[4:6])
     assert any(

@@ -11,8 +11,8 @@ from conftest import RawPixels, assert_resumes_exactly, run_experiment, tiny_con
 from torch import Tensor
 
 from incr_cli.data.batches import Batch
-from incr_cli.engine import Hardware, Optimization
 from incr_cli.models.head import IncrementalNet
+from incr_cli.step import Hardware, StepRunner
 from incr_cli.strategies.ewc import EWC
 from incr_cli.strategies.mas import MemoryAwareSynapses
 from incr_cli.strategies.si import SynapticIntelligence
@@ -174,7 +174,7 @@ def test_si_path_integral_over_a_two_step_trajectory_by_hand():
     si = setup(SynapticIntelligence(c=0.5, xi=0.01), [1], [0], [[0, 1]], seen=2, batch_size=1)
     si.before_task(si.stream.tasks[0])
     optimizer = torch.optim.SGD(si.model.parameters(), lr=0.1)
-    optimization = Optimization(
+    runner = StepRunner(
         optimizer,
         torch.amp.GradScaler("cpu", enabled=False),
         Hardware(torch.device("cpu"), None),
@@ -183,7 +183,7 @@ def test_si_path_integral_over_a_two_step_trajectory_by_hand():
     )
     batch = Batch(si.stream.train_x, si.stream.train_y)
     for _ in range(2):
-        si.training_step(batch, optimization)
+        si.training_step(batch, runner)
     g2 = 1 - 1 / (1 + math.exp(-0.2))
     omega = 0.1 * (0.25 + g2**2)
     torch.testing.assert_close(si.omega["head.weight"], torch.full((2, 1), omega))

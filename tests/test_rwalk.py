@@ -10,8 +10,8 @@ import torch
 from conftest import RawPixels, assert_resumes_exactly, run_experiment, tiny_context
 
 from incr_cli.data.batches import Batch
-from incr_cli.engine import Hardware, Optimization
 from incr_cli.models.head import IncrementalNet
+from incr_cli.step import Hardware, StepRunner
 from incr_cli.strategies.rwalk import RiemannianWalk
 
 
@@ -26,7 +26,7 @@ def pixel_rwalk(rwalk: RiemannianWalk, pixels: list[int], labels: list[int], tas
     rwalk.before_task(context.stream.tasks[0])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    return rwalk, Optimization(optimizer, scaler, Hardware(torch.device("cpu"), None), "stop", str)
+    return rwalk, StepRunner(optimizer, scaler, Hardware(torch.device("cpu"), None), "stop", str)
 
 
 # ----------------------------------------------------------------------------------------- the maths, by hand
@@ -35,7 +35,7 @@ def test_rwalk_fisher_and_score_over_two_intervals_by_hand():
     # By symmetry w_0 = b_0 = c and w_1 = b_1 = -c, so the logits are (2c, -2c) and every parameter's
     # cross-entropy gradient has size a = 1 - sigmoid(4c) (-a for class 0's, +a for class 1's). Each step moves
     # c by 0.1 a: the loss change -g * delta theta is 0.1 a^2 and g^2 = a^2 for all four parameters.
-    rwalk, optimization = pixel_rwalk(RiemannianWalk(rwalk_lambda=1.0, alpha=0.9, update_every=2, epsilon=0.01),
+    rwalk, runner = pixel_rwalk(RiemannianWalk(rwalk_lambda=1.0, alpha=0.9, update_every=2, epsilon=0.01),
                                       [1], [0], [[0, 1]])  # fmt: skip
     c, path = 0.0, [0.0]
     a = []
@@ -52,7 +52,7 @@ def test_rwalk_fisher_and_score_over_two_intervals_by_hand():
     score += 0.1 * 2 * f2 / (0.5 * f1 * (path[4] - path[2]) ** 2 + 0.01)
     batch = Batch(rwalk.stream.train_x, rwalk.stream.train_y)
     for _ in range(4):
-        rwalk.training_step(batch, optimization)
+        rwalk.training_step(batch, runner)
     assert rwalk.interval_steps == 0
     torch.testing.assert_close(rwalk.model.head.bias.detach(), torch.tensor([path[4], -path[4]]))
     for name, shape in (("head.weight", (2, 1)), ("head.bias", (2,))):

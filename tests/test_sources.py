@@ -13,8 +13,8 @@ import pytest
 import torch
 from conftest import compose_config, run_experiment
 
-from incr_cli.config import ConfigError
 from incr_cli.data.sources import FASHION_CLASSES, load_source
+from incr_cli.errors import ConfigError
 
 TRAIN_PER_CLASS, TEST_PER_CLASS = 20, 5
 

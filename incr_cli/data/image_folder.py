@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, ListConfig
 
-from incr_cli.config import ConfigError
 from incr_cli.data.sources import Source
+from incr_cli.errors import ConfigError
 
 log = logging.getLogger("incr")
 
@@ -586,15 +586,12 @@ def _read_cache(path: Path) -> dict | None:
 
 
 def _write_cache(path: Path, state: dict) -> None:
-    from incr_cli.checkpoint import CheckpointError, atomic_write
+    from incr_cli.files import atomic_write
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda handle: torch.save(state, handle))
-    except (
-        OSError,
-        CheckpointError,
-    ) as error:  # a read-only or full data.root only costs the decoding next time
+    except OSError as error:  # a read-only or full data.root only costs the decoding next time
         log.warning("the decoded images could not be cached in %s (%s)", path.parent, error)
         return
     # A folder's earlier caches describe files that have changed since: only the newest is kept.

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from incr_cli.config import ConfigError
+from incr_cli.errors import ConfigError
 
 # Debian's dataset-fashion-mnist installs the four original .gz files here (recompressed, so torchvision's
 # checksums do not match them and its download=True would go to the network instead).
@@ -193,7 +193,7 @@ def _cache_path(root: Path, name: str, files: list[Path]) -> Path | None:
 
 
 def _write_cache(path: Path, source: Source) -> None:
-    from incr_cli.checkpoint import atomic_write
+    from incr_cli.files import atomic_write
 
     tensors = {
         "train_x": source.train_x,

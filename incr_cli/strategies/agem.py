@@ -14,7 +14,7 @@ from incr_cli.strategies import gradients
 from incr_cli.strategies.base import Strategy
 
 if TYPE_CHECKING:
-    from incr_cli.engine import Optimization
+    from incr_cli.step import StepRunner
 
 
 def agem_projection(gradient: Tensor, reference: Tensor) -> Tensor:
@@ -60,21 +60,21 @@ class AGEM(Strategy):
         self.memory_x: Tensor | None = None  # raw uint8 samples of every finished task
         self.memory_y: Tensor | None = None
 
-    def training_step(self, batch: Batch, optimization: Optimization) -> Tensor:
+    def training_step(self, batch: Batch, runner: StepRunner) -> Tensor:
         if self.memory_y is None:
-            return super().training_step(batch, optimization)
+            return super().training_step(batch, runner)
         parameters = gradients.trainable(self.model)
-        with optimization.autocast():
+        with runner.autocast():
             loss = self.loss(batch)
-        current = gradients.gradient_of(loss, parameters, optimization)
+        current = gradients.gradient_of(loss, parameters, runner)
         if current is None:
             return loss.detach()
         order = torch.randperm(len(self.memory_y), generator=self.rng, device=self.rng.device)
         rows = order[: self.sample_size].to(self.memory_y.device)
         sample = Batch(self.memory_x[rows], self.memory_y[rows])
-        with optimization.autocast():
+        with runner.autocast():
             memory_loss = F.cross_entropy(self.logits(sample), sample.y)
-        reference = gradients.gradient_of(memory_loss, parameters, optimization)
+        reference = gradients.gradient_of(memory_loss, parameters, runner)
         if reference is None:
             return loss.detach()
         # One non-finite value in g or in g_ref makes their dot product non-finite.
@@ -85,7 +85,7 @@ class AGEM(Strategy):
             # gradient, so that it skips this step and lowers the scale as for an overflow of the loss.
             update = current + reference
         gradients.write(parameters, update)
-        optimization.step()
+        runner.step()
         return loss.detach()
 
     def after_task(self, task: Task) -> None:

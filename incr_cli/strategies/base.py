@@ -24,7 +24,7 @@ from incr_cli.memory import Memory
 from incr_cli.models.head import IncrementalNet
 
 if TYPE_CHECKING:
-    from incr_cli.engine import Optimization
+    from incr_cli.step import StepRunner
 
 
 @dataclass
@@ -89,13 +89,13 @@ class Strategy:
     def loss(self, batch: Batch) -> Tensor:
         return F.cross_entropy(self.logits(batch), batch.y)
 
-    def training_step(self, batch: Batch, optimization: Optimization) -> Tensor:
+    def training_step(self, batch: Batch, runner: StepRunner) -> Tensor:
         """One update from one batch. Methods that change the update (projected or meta-learned gradients)
-        override this; `optimization` does the scaled backward, the non-finite check and the step."""
-        with optimization.autocast():
+        override this; `runner` does the scaled backward, the non-finite check and the step."""
+        with runner.autocast():
             loss = self.loss(batch)
-        if optimization.backward(loss):
-            optimization.step()
+        if runner.backward(loss):
+            runner.step()
         return loss.detach()
 
     def after_task(self, task: Task) -> None:

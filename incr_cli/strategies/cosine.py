@@ -19,7 +19,7 @@ from incr_cli.models.mlp import MLP
 from incr_cli.strategies.teacher import PreviousTaskTeacher
 
 if TYPE_CHECKING:
-    from incr_cli.engine import Optimization
+    from incr_cli.step import StepRunner
 
 
 def cosine_similarity(features: Tensor, weight: Tensor) -> Tensor:
@@ -97,7 +97,7 @@ class EmbeddingDistillation(PreviousTaskTeacher):
       `finetune_milestones` (`finetune_schedule`). `finetune_params: classifier` trains the classifier's rows,
       old and new, and nothing else (both authors' code); `network` trains every parameter but the old rows
       (PyCIL's PODNet). The stage runs in full precision and outside the engine's non-finite guard and
-      timers (`after_task` has no `Optimization`), as GDumb's and FOSTER's second stages."""
+      timers (`after_task` has no `StepRunner`), as GDumb's and FOSTER's second stages."""
 
     supports_distributed = True  # its state comes from whole tasks, never from one rank's slice
     # BatchNorm during class-balanced finetuning: LUCIR's code keeps the running statistics (eval mode)
@@ -172,11 +172,11 @@ class EmbeddingDistillation(PreviousTaskTeacher):
         """The method's loss on a batch (exemplars already in it)."""
         raise NotImplementedError
 
-    def training_step(self, batch: Batch, optimization: Optimization) -> Tensor:
-        with optimization.autocast():
+    def training_step(self, batch: Batch, runner: StepRunner) -> Tensor:
+        with runner.autocast():
             loss = self.loss(self.with_replay(batch))
-        if optimization.backward(loss):
-            optimization.step()
+        if runner.backward(loss):
+            runner.step()
             self.after_step(freeze_old=self.freeze_old)
         return loss.detach()
 

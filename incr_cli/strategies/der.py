@@ -14,7 +14,7 @@ from incr_cli.memory import Memory
 from incr_cli.strategies.base import Strategy
 
 if TYPE_CHECKING:
-    from incr_cli.engine import Optimization
+    from incr_cli.step import StepRunner
 
 
 class DarkExperienceReplay(Strategy):
@@ -109,11 +109,11 @@ class DarkExperienceReplay(Strategy):
     def loss(self, batch: Batch) -> Tensor:
         return self.objective(batch)[0]
 
-    def training_step(self, batch: Batch, optimization: Optimization) -> Tensor:
-        with optimization.autocast():
+    def training_step(self, batch: Batch, runner: StepRunner) -> Tensor:
+        with runner.autocast():
             loss, logits, _ = self.objective(batch)
-        if optimization.backward(loss):
-            optimization.step()
+        if runner.backward(loss):
+            runner.step()
             # After the step, so a batch is never replayed on its own step. A skipped (non-finite) batch
             # is not stored: its logits would poison the memory.
             self.remember_samples(batch.x, batch.y, logits=logits[: len(batch)].detach().float())

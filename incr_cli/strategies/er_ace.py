@@ -14,7 +14,7 @@ from incr_cli.memory import Memory
 from incr_cli.strategies.base import Context, Strategy
 
 if TYPE_CHECKING:
-    from incr_cli.engine import Optimization
+    from incr_cli.step import StepRunner
 
 
 def incoming_logit_mask(y: Tensor, seen: Tensor) -> Tensor:
@@ -140,8 +140,8 @@ class ERACE(Strategy):
             loss = loss + F.cross_entropy(logits[n:], batch.y[n:])
         return loss
 
-    def training_step(self, batch: Batch, optimization: Optimization) -> Tensor:
-        loss = super().training_step(batch, optimization)
+    def training_step(self, batch: Batch, runner: StepRunner) -> Tensor:
+        loss = super().training_step(batch, runner)
         if self.to_offer > 0:
             n = min(self.to_offer, len(batch))
             self.remember_samples(batch.x[:n], batch.y[:n])

@@ -79,7 +79,7 @@ class GDumb(Strategy):
     defaults give as SGD from lr 0.05 with a warm-up epoch and cosine annealing with warm restarts down to
     0.0005, cutmix (alpha 1) and 256 epochs; `epochs`, `batch_size` and the run's optimizer are the knobs that
     remain. The memory training runs in full precision and outside the engine's non-finite guard and timers
-    (`after_task` gets no `Optimization`). Mammoth's `gdumb` fills a reservoir memory instead and trains only
+    (`after_task` gets no `StepRunner`). Mammoth's `gdumb` fills a reservoir memory instead and trains only
     after the last task."""
 
     def __init__(

@@ -16,7 +16,7 @@ from incr_cli.strategies import gradients
 from incr_cli.strategies.base import Strategy
 
 if TYPE_CHECKING:
-    from incr_cli.engine import Optimization
+    from incr_cli.step import StepRunner
 
 # Added to the diagonal of G G^T: the dual is then strictly convex, as quadprog needs, even when two memory
 # gradients are parallel or one is zero. Avalanche's GEM (the Split Fashion-MNIST reference) uses the same
@@ -95,34 +95,34 @@ class GEM(Strategy):
     def before_task(self, task: Task) -> None:
         self.recent_x = self.recent_y = None
 
-    def training_step(self, batch: Batch, optimization: Optimization) -> Tensor:
+    def training_step(self, batch: Batch, runner: StepRunner) -> Tensor:
         self._remember(batch)
         if not self.memory_y:
-            return super().training_step(batch, optimization)
+            return super().training_step(batch, runner)
         parameters = gradients.trainable(self.model)
-        with optimization.autocast():
+        with runner.autocast():
             loss = self.loss(batch)
-        current = gradients.gradient_of(loss, parameters, optimization)
+        current = gradients.gradient_of(loss, parameters, runner)
         if current is None:
             return loss.detach()
         past = []
         for x, y in zip(self.memory_x, self.memory_y, strict=True):
-            with optimization.autocast():
+            with runner.autocast():
                 memory_loss = F.cross_entropy(self.logits(Batch(x, y)), y)
-            past.append(gradients.gradient_of(memory_loss, parameters, optimization))
+            past.append(gradients.gradient_of(memory_loss, parameters, runner))
             if past[-1] is None:
                 return loss.detach()
         past = torch.stack(past)
         # One non-finite value in g or in a g_k makes a dot product non-finite: a t-sized check.
         if torch.isfinite(past @ current).all():
-            scale = gradients.loss_scale(optimization)
+            scale = gradients.loss_scale(runner)
             update = gem_projection(current, past, self.memory_strength, loss_scale=scale)
         else:
             # A float16 overflow in one of the scaled backward passes: hand the GradScaler a non-finite
             # gradient, so that it skips this step and lowers the scale as for an overflow of the loss.
             update = current + past.sum(0)
         gradients.write(parameters, update)
-        optimization.step()
+        runner.step()
         return loss.detach()
 
     def _remember(self, batch: Batch) -> None:

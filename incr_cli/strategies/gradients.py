@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
-    from incr_cli.engine import Optimization
+    from incr_cli.step import StepRunner
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:
@@ -33,19 +33,17 @@ def write(parameters: Sequence[nn.Parameter], vector: Tensor) -> None:
         raise ValueError(f"a gradient vector of {len(vector)} values for {offset} parameters")
 
 
-def gradient_of(
-    loss: Tensor, parameters: Sequence[nn.Parameter], optimization: Optimization
-) -> Tensor | None:
+def gradient_of(loss: Tensor, parameters: Sequence[nn.Parameter], runner: StepRunner) -> Tensor | None:
     """The flat gradient of `loss` alone, through the engine's scaled backward and its non-finite guard;
     None when the guard skips the batch. Under a GradScaler every vector comes out multiplied by the same
     scale, so comparisons and projections between them need no unscaling."""
-    optimization.zero_grad()
-    if not optimization.backward(loss):
+    runner.zero_grad()
+    if not runner.backward(loss):
         return None
     return flatten(parameters)
 
 
-def loss_scale(optimization: Optimization) -> float:
+def loss_scale(runner: StepRunner) -> float:
     """The factor the engine's GradScaler multiplies gradients by (1 without float16 loss scaling)."""
-    scaler = optimization.scaler
+    scaler = runner.scaler
     return float(scaler.get_scale()) if scaler.is_enabled() else 1.0

@@ -17,7 +17,7 @@ from incr_cli.models.expandable import ExpandableBackbone
 from incr_cli.strategies.base import Context, Strategy
 
 if TYPE_CHECKING:
-    from incr_cli.engine import Optimization
+    from incr_cli.step import StepRunner
 
 
 class _PlainSteps:
@@ -53,7 +53,7 @@ class GrowingNetwork(Strategy):
 
     def __init__(self, memory: Memory):
         self.memory = memory
-        self._step_runner: Optimization | None = None
+        self._step_runner: StepRunner | None = None
 
     def setup(self, context: Context) -> None:
         super().setup(context)
@@ -84,9 +84,9 @@ class GrowingNetwork(Strategy):
         head = getattr(self.model, "auxiliary_head", None)
         return 0 if head is None else head.out_features
 
-    def training_step(self, batch: Batch, optimization: Optimization) -> Tensor:
-        self._step_runner = optimization  # its precision and non-finite policy also run the second stage
-        return super().training_step(batch, optimization)
+    def training_step(self, batch: Batch, runner: StepRunner) -> Tensor:
+        self._step_runner = runner  # its precision and non-finite policy also run the second stage
+        return super().training_step(batch, runner)
 
     def stage_steps(self, optimizer: torch.optim.Optimizer, where: Callable[[], str]):
         """A step runner for a training stage of the method's own (FOSTER's compression, DER's classifier
@@ -102,7 +102,7 @@ class GrowingNetwork(Strategy):
         self,
         rows: Tensor,
         epochs: int,
-        steps: Optimization | _PlainSteps,
+        steps: StepRunner | _PlainSteps,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         stage_loss: Callable[[Tensor, Tensor], Tensor],
     ) -> None:

@@ -14,7 +14,7 @@ from incr_cli.memory import Memory
 from incr_cli.strategies.base import Strategy
 
 if TYPE_CHECKING:
-    from incr_cli.engine import Optimization
+    from incr_cli.step import StepRunner
 
 
 class MER(Strategy):
@@ -92,14 +92,14 @@ class MER(Strategy):
     def before_task(self, task: Task) -> None:
         self.offered, self.task_size = 0, len(task.train_index)
 
-    def training_step(self, batch: Batch, optimization: Optimization) -> Tensor:
+    def training_step(self, batch: Batch, runner: StepRunner) -> Tensor:
         parameters = [p for p in self.model.parameters() if p.requires_grad]
         theta_0 = [p.detach().clone() for p in parameters]
         first_loss = None
         for i in range(self.batches_per_example):
             theta_a = [p.detach().clone() for p in parameters]
             for j, element in enumerate(self._meta_batch(batch)):
-                loss = self._sgd_step(element, parameters, optimization)
+                loss = self._sgd_step(element, parameters, runner)
                 if i == j == 0:
                     if loss is None:  # on_nonfinite=skip_batch: the batch is skipped, nothing has moved yet
                         return torch.tensor(float("nan"))
@@ -118,14 +118,14 @@ class MER(Strategy):
         size = self.replay_size(batch)
         return [batch] + [self.memory.sample(size, self.rng) for _ in range(self.replay_batches)]
 
-    def _sgd_step(self, batch: Batch, parameters: list[torch.nn.Parameter], optimization) -> Tensor | None:
+    def _sgd_step(self, batch: Batch, parameters: list[torch.nn.Parameter], runner) -> Tensor | None:
         """theta <- theta - alpha * grad L(batch); None when the engine skips a non-finite loss."""
-        with optimization.autocast():
+        with runner.autocast():
             loss = F.cross_entropy(self.logits(batch), batch.y)
-        if not optimization.backward(loss):
+        if not runner.backward(loss):
             return None
-        scaler = optimization.scaler
-        scaler.unscale_(optimization.optimizer)  # float16 AMP: true-scale gradients; otherwise a no-op
+        scaler = runner.scaler
+        scaler.unscale_(runner.optimizer)  # float16 AMP: true-scale gradients; otherwise a no-op
         gradients = [p.grad for p in parameters]
         finite = not scaler.is_enabled() or all(bool(g.isfinite().all()) for g in gradients if g is not None)
         if finite:
@@ -134,7 +134,7 @@ class MER(Strategy):
                     if g is not None:
                         p.add_(g, alpha=-self.lr)
         scaler.update()  # float16: shrinks the loss scale after an overflow, grows it after clean steps
-        optimization.zero_grad()
+        runner.zero_grad()
         return loss.detach()
 
     def state_dict(self) -> dict:

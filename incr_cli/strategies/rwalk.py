@@ -13,7 +13,7 @@ from incr_cli.data.stream import Task
 from incr_cli.strategies.importance_penalty import ImportancePenalty, pad_rows, report_stiffness
 
 if TYPE_CHECKING:
-    from incr_cli.engine import Optimization
+    from incr_cli.step import StepRunner
 
 # Tensors kept per parameter between steps (and tasks), all checkpointed.
 PER_PARAMETER = ("importance", "anchor", "fisher", "score", "task_score", "interval_loss", "interval_fisher",
@@ -110,23 +110,23 @@ class RiemannianWalk(ImportancePenalty):
         self.interval_fisher = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
         self.interval_steps = 0
 
-    def training_step(self, batch: Batch, optimization: Optimization) -> Tensor:
-        with optimization.autocast():
+    def training_step(self, batch: Batch, runner: StepRunner) -> Tensor:
+        with runner.autocast():
             cross_entropy = F.cross_entropy(self.logits(batch), batch.y)
             pull = self.strength * self.penalty() if self.importance and self.strength else None
         loss = cross_entropy.detach() if pull is None else (cross_entropy + pull).detach()
         # Two backward passes into the same .grad: the first leaves the cross-entropy's gradient alone, which
         # the Fisher and the score need; the second adds the penalty's, so the step is that of the sum.
-        if not optimization.backward(cross_entropy):
+        if not runner.backward(cross_entropy):
             return loss
         params = self.parameters()
-        scaler = optimization.scaler
+        scaler = runner.scaler
         scale = scaler.get_scale() if scaler.is_enabled() else 1.0
         grads = {n: p.grad.detach().float() / scale for n, p in params.items() if p.grad is not None}
-        if pull is not None and not optimization.backward(pull):
+        if pull is not None and not runner.backward(pull):
             return loss
         before = {n: params[n].detach().float().clone() for n in grads}
-        optimization.step()
+        runner.step()
         # A float16 scaler skips a step whose gradients overflowed: nothing moved, and inf * 0 is NaN.
         if not scaler.is_enabled() or all(torch.isfinite(g).all() for g in grads.values()):
             self.accumulate(grads, before)

@@ -13,7 +13,7 @@ from incr_cli.data.stream import Task
 from incr_cli.strategies.importance_penalty import ImportancePenalty, pad_rows, report_stiffness
 
 if TYPE_CHECKING:
-    from incr_cli.engine import Optimization
+    from incr_cli.step import StepRunner
 
 
 class SynapticIntelligence(ImportancePenalty):
@@ -64,16 +64,16 @@ class SynapticIntelligence(ImportancePenalty):
         self.start = {name: p.detach().float().clone() for name, p in params.items()}
         self.omega = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
 
-    def training_step(self, batch: Batch, optimization: Optimization) -> Tensor:
-        with optimization.autocast():
+    def training_step(self, batch: Batch, runner: StepRunner) -> Tensor:
+        with runner.autocast():
             loss = self.loss(batch)
-        if optimization.backward(loss):
+        if runner.backward(loss):
             params = self.parameters()
-            scaler = optimization.scaler
+            scaler = runner.scaler
             scale = scaler.get_scale() if scaler.is_enabled() else 1.0
             grads = {n: p.grad.detach().float() / scale for n, p in params.items() if p.grad is not None}
             before = {n: params[n].detach().float().clone() for n in grads}
-            optimization.step()
+            runner.step()
             # A float16 scaler skips a step whose gradients overflowed: nothing moved, and inf * 0 is NaN.
             if not scaler.is_enabled() or all(torch.isfinite(g).all() for g in grads.values()):
                 self.accumulate(grads, before)

@@ -14,7 +14,7 @@ from incr_cli.memory import Memory
 from incr_cli.strategies.exemplar_distillation import ExemplarDistillation
 
 if TYPE_CHECKING:
-    from incr_cli.engine import Optimization
+    from incr_cli.step import StepRunner
 
 
 @torch.no_grad()
@@ -58,8 +58,8 @@ class WeightAligning(ExemplarDistillation):
             self.model.head.bias.zero_()  # the rows just grown come with PyTorch's initial biases
         super().before_task(task)
 
-    def training_step(self, batch: Batch, optimization: Optimization) -> Tensor:
-        loss = super().training_step(batch, optimization)
+    def training_step(self, batch: Batch, runner: StepRunner) -> Tensor:
+        loss = super().training_step(batch, runner)
         with torch.no_grad():
             self.model.head.bias.zero_()  # a bias-free layer: the step's change to the biases is undone
             if self.clip_weights:

@@ -18,7 +18,7 @@ from incr_cli.strategies.base import Context
 from incr_cli.strategies.der import DarkExperienceReplay
 
 if TYPE_CHECKING:
-    from incr_cli.engine import Optimization
+    from incr_cli.step import StepRunner
 
 
 def implant_logits(stored: Tensor, fresh: Tensor, labels: Tensor, columns: slice, gamma: float) -> Tensor:
@@ -310,11 +310,11 @@ class ExtendedDarkExperienceReplay(DarkExperienceReplay):
         first_time[1:] = ordered[1:] != ordered[:-1]
         return order[first_time].sort().values
 
-    def training_step(self, batch: Batch, optimization: Optimization) -> Tensor:
-        with optimization.autocast():
+    def training_step(self, batch: Batch, runner: StepRunner) -> Tensor:
+        with runner.autocast():
             loss, logits, rows = self.objective(batch)
-        if optimization.backward(loss):
-            optimization.step()
+        if runner.backward(loss):
+            runner.step()
             if rows:
                 self._rewrite_replayed(torch.cat(rows), logits[len(batch) :].detach().float())
         return loss.detach()
