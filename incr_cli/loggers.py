@@ -1,5 +1,6 @@
 """Live logging of a run's scalars: `scalars.csv` always, plus the `logger` group's choice (tensorboard, mlflow,
-wandb), each through its own library.
+wandb), each through its own library. A logger YAML names its class with `_target_`; the class takes a
+`LoggedRun` as `run` and the YAML's other keys, and says in `package` what it needs installed.
 
 What is logged, with the run's optimizer step as the x axis: per epoch the mean training loss, the learning
 rate and samples/s (`epoch/...`); per task the class-IL and task-IL average accuracy, forgetting, BWT, FWT and
@@ -8,25 +9,42 @@ F1 (`task/...`), and the class-IL accuracy matrix as an image where the library 
 from __future__ import annotations
 
 import csv
+import importlib
 import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from incr_cli.plots import draw_matrix, plt
 
-# logger name -> the package it needs (None: nothing beyond incr's own dependencies)
-LOGGERS = {"csv": None, "tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+@dataclass(frozen=True)
+class LoggedRun:
+    """What every logger may need of the run it logs."""
+
+    run_dir: Path
+    config: dict  # the composed config, resolved
+    run_id: str  # stable across resumes of the run directory
+    resume_step: int | None  # the optimizer step of the checkpoint a resumed run continues from
+
+
+def logger_class(target: str) -> type:
+    """The class a dotted `_target_` names (quietly: Hydra's own lookup logs each failure)."""
+    module, _, name = target.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 def check_logger(cfg: DictConfig) -> str | None:
     """The one-line error for a logger that cannot run here, or None."""
-    name = cfg.get("name")
-    if name not in LOGGERS:
-        return f"logger.name={name!r} is not a logger; valid: {', '.join(LOGGERS)}"
-    package = LOGGERS[name]
+    target = cfg.get("_target_")
+    try:
+        logger = logger_class(target)
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return (
+            f"logger._target_={target!r} is not an importable logger class (e.g. incr_cli.loggers.CsvScalars)"
+        )
+    package = getattr(logger, "package", None)
     if package is not None and importlib.util.find_spec(package) is None:
-        return f"logger={name} needs the {package} package, which is not installed: pip install {package}"
+        return f"logger={package} needs the {package} package, which is not installed: pip install {package}"
     return None
 
 
@@ -37,9 +55,10 @@ class CsvScalars:
     stretch of training is not logged twice."""
 
     FIELDS = ("step", "task", "epoch", "name", "value")
+    package = None
 
-    def __init__(self, run_dir: Path, resume_step: int | None):
-        self.path = run_dir / "scalars.csv"
+    def __init__(self, run: LoggedRun):
+        self.path, resume_step = run.run_dir / "scalars.csv", run.resume_step
         kept = []
         if resume_step is not None and self.path.is_file():
             with self.path.open(newline="") as handle:
@@ -64,14 +83,15 @@ class CsvScalars:
 
 
 class TensorBoardScalars:
-    def __init__(self, cfg: DictConfig, run_dir: Path, resume_step: int | None):
+    package = "tensorboard"
+
+    def __init__(self, run: LoggedRun, log_dir: str = "tensorboard"):
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step drops the events written after the checkpoint this run resumes from
-        purge = None if resume_step is None else resume_step + 1
+        purge = None if run.resume_step is None else run.resume_step + 1
         # relative to the run directory; an absolute or ~ path (from a config file) is taken as it is
-        log_dir = run_dir / Path(cfg.get("log_dir", "tensorboard")).expanduser()
-        self.writer = SummaryWriter(str(log_dir), purge_step=purge)
+        self.writer = SummaryWriter(str(run.run_dir / Path(log_dir).expanduser()), purge_step=purge)
 
     def scalars(self, values: dict[str, float], step: int, task: int, epoch: int | None) -> None:
         for name, value in values.items():
@@ -87,15 +107,17 @@ class TensorBoardScalars:
 
 
 class MlflowScalars:
-    def __init__(self, cfg: DictConfig, run_dir: Path, config: dict):
+    package = "mlflow"
+
+    def __init__(self, run: LoggedRun, tracking_uri: str | None = None, experiment_name: str = "incr"):
         import mlflow
 
         self.mlflow = mlflow
-        if cfg.get("tracking_uri"):
-            mlflow.set_tracking_uri(cfg.tracking_uri)
-        mlflow.set_experiment(cfg.get("experiment_name", "incr"))
-        mlflow.start_run(run_name=run_dir.name)
-        mlflow.log_params(_flatten(config))
+        if tracking_uri:
+            mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_experiment(experiment_name)
+        mlflow.start_run(run_name=run.run_dir.name)
+        mlflow.log_params(_flatten(run.config))
 
     def scalars(self, values: dict[str, float], step: int, task: int, epoch: int | None) -> None:
         self.mlflow.log_metrics({name.replace("/", "."): v for name, v in values.items()}, step=step)
@@ -103,20 +125,24 @@ class MlflowScalars:
     def matrix(self, matrix: list[list[float]], step: int) -> None:
         figure = _matrix_figure(matrix)
         self.mlflow.log_figure(figure, f"accuracy_matrix_step{step}.png")
-        plt.close(figure)
+        _close(figure)
 
     def close(self) -> None:
         self.mlflow.end_run()
 
 
 class WandbScalars:
-    def __init__(self, cfg: DictConfig, run_dir: Path, config: dict, run_id: str):
+    package = "wandb"
+
+    def __init__(
+        self, run: LoggedRun, project: str = "incr", entity: str | None = None, mode: str | None = None
+    ):
         import wandb
 
         self.wandb = wandb
         # One wandb run per run directory: a resumed incr run continues the same wandb run.
-        self.run = wandb.init(project=cfg.get("project", "incr"), entity=cfg.get("entity"), mode=cfg.get("mode"),
-                              dir=str(run_dir), config=config, name=run_dir.name, id=run_id, resume="allow")  # fmt: skip
+        where = {"dir": str(run.run_dir), "name": run.run_dir.name, "id": run.run_id, "resume": "allow"}
+        self.run = wandb.init(project=project, entity=entity, mode=mode, config=run.config, **where)
 
     def scalars(self, values: dict[str, float], step: int, task: int, epoch: int | None) -> None:
         self.run.log(values, step=step)
@@ -124,7 +150,7 @@ class WandbScalars:
     def matrix(self, matrix: list[list[float]], step: int) -> None:
         figure = _matrix_figure(matrix)
         self.run.log({"task/accuracy_matrix": self.wandb.Image(figure)}, step=step)
-        plt.close(figure)
+        _close(figure)
 
     def close(self) -> None:
         self.run.finish()
@@ -133,19 +159,25 @@ class WandbScalars:
 class RunLoggers:
     """scalars.csv plus the chosen library; the engine calls these three methods and `close`."""
 
-    def __init__(self, cfg: DictConfig | None, run_dir: Path, config: dict, run_id: str, resume_step: int | None,
-                 write: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        cfg: DictConfig | None,
+        run_dir: Path,
+        config: dict,
+        run_id: str,
+        resume_step: int | None,
+        write: bool = True,
+    ):
         self.sinks: list = []
         if not write:  # hardware=ddp: ranks other than 0
             return
-        self.sinks.append(CsvScalars(run_dir, resume_step))
-        name = "csv" if cfg is None else cfg.get("name", "csv")
-        if name == "tensorboard":
-            self.sinks.append(TensorBoardScalars(cfg, run_dir, resume_step))
-        elif name == "mlflow":
-            self.sinks.append(MlflowScalars(cfg, run_dir, config))
-        elif name == "wandb":
-            self.sinks.append(WandbScalars(cfg, run_dir, config, run_id))
+        run = LoggedRun(run_dir, config, run_id, resume_step)
+        self.sinks.append(CsvScalars(run))
+        chosen = None if cfg is None else logger_class(cfg._target_)
+        if chosen not in (None, CsvScalars):
+            # called directly, not through hydra's instantiate, which would rebuild the run's config inside `run`
+            settings = {key: value for key, value in cfg.items() if key != "_target_"}
+            self.sinks.append(chosen(run, **settings))
 
     def epoch(self, values: dict[str, float], step: int, task: int, epoch: int) -> None:
         for sink in self.sinks:
@@ -163,6 +195,7 @@ class RunLoggers:
 
 
 def _matrix_figure(matrix: list[list[float]]):
+    from incr_cli.plots import draw_matrix, plt  # matplotlib loads only for a library that takes images
 
     n = len(matrix[0])
     figure, axes = plt.subplots(figsize=(1.2 + 0.7 * n, 1.0 + 0.6 * len(matrix)))
@@ -170,6 +203,12 @@ def _matrix_figure(matrix: list[list[float]]):
     figure.colorbar(image, ax=axes)
     figure.tight_layout()
     return figure
+
+
+def _close(figure) -> None:
+    from incr_cli.plots import plt
+
+    plt.close(figure)
 
 
 def _flatten(config: dict, prefix: str = "") -> dict[str, str]:

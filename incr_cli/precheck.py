@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
+import itertools
 import os
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-from hydra._internal.utils import get_args_parser
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -35,7 +36,7 @@ def job_overrides(argv: list[str]) -> list[list[str]] | None:
         if _multirun(argv) and {"--cfg", "-c", "--info", "-i"} & set(argv):
             raise ConfigError("--cfg/--info show one job's config: drop -m (--multirun) to inspect it")
         return None
-    args = get_args_parser().parse_args(argv)
+    args = _arguments(argv)
     parsed = OverridesParser.create().parse_overrides(args.overrides)
     sweeps = [o.input_line for o in parsed if o.is_sweep_override()]
     if sweeps and not args.multirun:
@@ -48,7 +49,31 @@ def job_overrides(argv: list[str]) -> list[list[str]] | None:
         raise ConfigError(
             "under torchrun (hardware=ddp) incr trains one run: drop -m and start one torchrun per run"
         )
-    return BasicSweeper.split_arguments(ours, max_batch_size=None)[0]
+    return [list(job) for job in itertools.product(*map(_values, ours))]
+
+
+def _arguments(argv: list[str]) -> argparse.Namespace:
+    """The command line as `incr train` hands it to Hydra: overrides and the flags that take part in a run."""
+    parser = argparse.ArgumentParser(prog="incr train", add_help=False, allow_abbrev=False)
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--multirun", "-m", action="store_true")
+    for flags in (("--config-path", "-cp"), ("--config-name", "-cn"), ("--config-dir", "-cd")):
+        parser.add_argument(*flags)
+    parser.add_argument("--experimental-rerun")
+    return parser.parse_args(argv)
+
+
+def _values(override: Override) -> list[str]:
+    """`key=value` for each value an override sweeps over (one for a plain override), as Hydra's basic sweeper
+    spells the jobs."""
+    key = override.get_key_element()
+    if not override.is_sweep_override():
+        return [f"{key}={override.get_value_element_as_str()}"]
+    if not override.is_discrete_sweep():
+        raise ConfigError(
+            f"{override.input_line}: an interval sweep needs a sweeper plugin (e.g. hydra/sweeper=optuna)"
+        )
+    return [f"{key}={value}" for value in override.sweep_string_iterator()]
 
 
 def check_command(argv: list[str]) -> None:

@@ -68,3 +68,41 @@ def test_a_logger_without_its_package_is_a_one_line_error(tmp_path, name):
         f"logger={name} needs the {name} package, which is not installed: pip install {name}" in result.stderr
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_a_logger_is_any_class_its_yaml_names(tmp_path, monkeypatch):
+    # A logger of the user's own, named by `_target_` and given the YAML's other keys: nothing in incr changes.
+    (tmp_path / "my_logger.py").write_text(
+        "import json\n"
+        "class Recorder:\n"
+        "    package = None\n"
+        "    def __init__(self, run, file):\n"
+        "        self.path = run.run_dir / file\n"
+        "        self.rows = []\n"
+        "    def scalars(self, values, step, task, epoch):\n"
+        "        self.rows += [[step, name, value] for name, value in values.items()]\n"
+        "    def matrix(self, matrix, step):\n"
+        "        self.rows.append([step, 'matrix', matrix])\n"
+        "    def close(self):\n"
+        "        self.path.write_text(json.dumps(self.rows))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    metrics = run_experiment(
+        tmp_path / "run",
+        [*SETTINGS, "logger=csv", "logger._target_=my_logger.Recorder", "+logger.file=rows.json"],
+    )
+    import json
+
+    rows = json.loads((tmp_path / "run" / "rows.json").read_text())
+    accuracy = [value for _, name, value in rows if name == "task/class_il/average_accuracy"]
+    assert accuracy == pytest.approx(metrics["class_il"]["average_accuracy"], abs=1e-12)
+    assert [step for step, name, _ in rows if name == "matrix"] == [69, 138]
+    assert (tmp_path / "run" / "scalars.csv").is_file()  # csv stays on
+
+
+def test_a_logger_target_that_does_not_import_is_a_one_line_error(tmp_path):
+    result = incr("train", "logger._target_=incr_cli.loggers.Nothing", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    assert "logger._target_='incr_cli.loggers.Nothing' is not an importable logger class" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
