@@ -20,10 +20,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from incr_cli import checkpoint, distributed, estimate, faults, files, metrics, plots
+from incr_cli import checkpoint, distributed, estimate, evaluation, faults, files, metrics, plots
 from incr_cli.config import to_container
 from incr_cli.console import TrainingProgress, accuracy_table, console, summary_table, training_warnings
-from incr_cli.data.batches import DeviceBatches, Preprocess, eval_batches
+from incr_cli.data.batches import DeviceBatches, Preprocess
 from incr_cli.data.sources import load_source
 from incr_cli.data.stream import Stream, build_stream
 from incr_cli.errors import ConfigError
@@ -335,41 +335,19 @@ class Run:
         return f"task {p.task + 1}, epoch {p.epoch + 1}, step {p.batch + 1}"
 
     # ----------------------------------------------------------------- evaluation
-    @torch.no_grad()
     def evaluate(self, n_seen: int) -> tuple[list[float], list[float], dict]:
-        """Class-IL accuracy (argmax over the classes seen so far) and task-IL accuracy (argmax within the
-        task's own classes) on every task's test set (or held-out part, `evaluate_on=val`), seen and future;
-        and the confusion over the tasks trained so far. In domain-IL every task has every class, so the
-        two are equal: the class-IL matrix is the domain-IL accuracy."""
-        self.model.eval()
-        stream = self.stream
-        faults.reach("evaluate")
-        images, rows, y, task_of_sample = stream.evaluation_split(self.cfg.evaluate_on)
-        with self.hardware.autocast():
-            scores = torch.cat([self.strategy.predict(self.preprocess(x)).float()
-                                for x in eval_batches(images, rows, self.cfg.eval_batch_size)])  # fmt: skip
-        if n_seen:
-            class_prediction = scores[:, :n_seen].argmax(1)
-        else:  # nothing learned yet: no class can be predicted
-            class_prediction = torch.full_like(y, -1)
-        task_prediction = torch.empty_like(y)
-        for task in stream.tasks:
-            rows = task_of_sample == task.id
-            first, last = task.classes[0], task.classes[-1] + 1
-            task_prediction[rows] = scores[rows, first:last].argmax(1) + first
-        n_tasks = len(stream.tasks)
-        counts = torch.bincount(task_of_sample, minlength=n_tasks).double()
-
-        def per_task(correct: torch.Tensor) -> list[float]:
-            hits = torch.bincount(task_of_sample, weights=correct.double(), minlength=n_tasks)
-            return (hits / counts).tolist()
-
-        final = {}
-        if n_seen:
-            seen_rows = task_of_sample <= self.position.task  # the tasks trained so far
-            confusion = metrics.confusion_matrix(y[seen_rows], class_prediction[seen_rows], n_seen)
-            final = {**metrics.precision_recall_f1(confusion), "confusion_matrix": confusion.tolist()}
-        return per_task(class_prediction == y), per_task(task_prediction == y), final
+        """The accuracy rows after the task under way (incr_cli/evaluation.py), `n_seen` classes seen."""
+        return evaluation.evaluate(
+            self.model,
+            self.strategy,
+            self.stream,
+            self.preprocess,
+            self.hardware,
+            split=self.cfg.evaluate_on,
+            batch_size=self.cfg.eval_batch_size,
+            n_seen=n_seen,
+            trained_tasks=self.position.task + 1,
+        )
 
     # ----------------------------------------------------------------- training checks
     def training_warnings(

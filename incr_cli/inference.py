@@ -219,22 +219,6 @@ class Classifier(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- eval
-class Evaluation:
-    """What the engine's `Run.evaluate` reads, for a loaded checkpoint and a test stream: the accuracies come
-    from the very code that wrote the run's metrics.json."""
-
-    def __init__(self, cfg: DictConfig, loaded: Loaded, stream, preprocess, hardware, seen_tasks: int):
-        from incr_cli.engine import Position, Run
-
-        self.cfg, self.model, self.strategy = cfg, loaded.model, loaded.strategy
-        self.stream, self.preprocess, self.hardware = stream, preprocess, hardware
-        self.position = Position(task=seen_tasks - 1)  # as while the engine evaluates the last task trained
-        self._evaluate = Run.evaluate
-
-    def evaluate(self, n_seen: int):
-        return self._evaluate(self, n_seen)
-
-
 _ABSENT = object()
 
 
@@ -343,6 +327,7 @@ def evaluate(loaded: Loaded, overrides: Sequence[str] = (), split: str | None = 
     own by default), with the trained tasks' precision, recall, F1 and confusion, as the engine measures them.
     `split="folder"` (the default when dataset.folder is given) scores every image of the folder instead, each
     in the task the run trained its class in."""
+    from incr_cli import evaluation
     from incr_cli.step import Hardware
 
     split = eval_split(loaded, overrides, split)
@@ -357,8 +342,17 @@ def evaluate(loaded: Loaded, overrides: Sequence[str] = (), split: str | None = 
     else:
         seen_tasks = sum(1 for t in stream.tasks if t.classes[0] < loaded.n_seen)
     amp = getattr(torch, cfg.hardware.amp_dtype) if cfg.hardware.amp else None
-    evaluation = Evaluation(cfg, loaded, stream, loaded.preprocess, Hardware(loaded.device, amp), seen_tasks)
-    class_il, task_il, final = evaluation.evaluate(loaded.n_seen)
+    class_il, task_il, final = evaluation.evaluate(
+        loaded.model,
+        loaded.strategy,
+        stream,
+        loaded.preprocess,
+        Hardware(loaded.device, amp),
+        split=cfg.evaluate_on,
+        batch_size=cfg.eval_batch_size,
+        n_seen=loaded.n_seen,
+        trained_tasks=seen_tasks,
+    )
     labels = stream.evaluation_split(cfg.evaluate_on)[2]
 
     def summary(row: list[float]) -> dict:
