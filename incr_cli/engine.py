@@ -20,7 +20,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from incr_cli import checkpoint, distributed, estimate, evaluation, faults, files, metrics, plots
+from incr_cli import build, checkpoint, distributed, estimate, evaluation, faults, files, metrics, plots
 from incr_cli.config import to_container
 from incr_cli.console import TrainingProgress, accuracy_table, console, summary_table, training_warnings
 from incr_cli.data.batches import DeviceBatches, Preprocess
@@ -28,9 +28,7 @@ from incr_cli.data.sources import load_source
 from incr_cli.data.stream import Stream, build_stream
 from incr_cli.errors import ConfigError
 from incr_cli.loggers import RunLoggers
-from incr_cli.models.head import IncrementalNet
 from incr_cli.step import StepRunner, setup_hardware
-from incr_cli.strategies.base import Context, Strategy
 
 log = logging.getLogger("incr")
 
@@ -109,20 +107,16 @@ class Run:
         # checkpoints carry it to `incr eval` and `incr predict`; the hash above is of the config as given
         self.config = to_container(cfg)
         self.stream: Stream = build_stream(source, cfg.dataset).to(device)
-        backbone = instantiate(cfg.model, input_shape=tuple(cfg.dataset.input_shape))
-        self.model = IncrementalNet(backbone, self.stream.n_classes).to(device)
-        if cfg.hardware.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        if cfg.hardware.compile:
-            self.model.backbone.compile()
+        self.model = build.build_model(
+            cfg, self.stream.n_classes, device, cfg.hardware.channels_last, cfg.hardware.compile
+        )
         self.preprocess = Preprocess(cfg.dataset, self.stream.max_value, device, cfg.hardware.channels_last)
         self.rng = torch.Generator(device=device).manual_seed(cfg.seed)
-        self.epochs = 1 if cfg.train.online else cfg.epochs  # online: one pass over the stream
-        self.strategy: Strategy = instantiate(cfg.strategy)
-        self.strategy.setup(Context(
-            self.model, self.stream, self.preprocess, self.rng, device, self.make_optimizer,
-            cfg.batch_size, self.epochs, cfg.seed, cfg.dataset.scenario,
-        ))  # fmt: skip
+        self.epochs = build.training_epochs(cfg)
+        self.make_optimizer = build.optimizer_factory(cfg)
+        self.strategy = build.build_strategy(
+            cfg, self.model, self.stream, self.preprocess, self.rng, device, self.make_optimizer
+        )
         self.checkpoints = run_dir / "checkpoints"
         self.position = Position()
         self.metrics = self._new_metrics()
@@ -163,9 +157,7 @@ class Run:
                 f"{path} was written by a different experiment (config hash {state['config_hash']}, now "
                 f"{self.config_hash}); resume may only change {', '.join(RESUME_MAY_CHANGE)}"
             )
-        self.strategy.restore_structure(state["strategy"])  # a grown network takes its saved shape first
-        self.model.load_state_dict(state["model"])
-        self.strategy.load_state_dict(state["strategy"])
+        build.load_trained(self.model, self.strategy, state)
         checkpoint.restore_rng(state["rng"], self.rng)
         self.metrics = state["metrics"]
         self.position = Position(**state["position"])
@@ -326,9 +318,6 @@ class Run:
         self.save_checkpoint(None, None, None, task_end=task.id)
         self.write_results()
         self.model.train()
-
-    def make_optimizer(self, parameters) -> torch.optim.Optimizer:
-        return instantiate(self.cfg.optimizer, params=list(parameters))
 
     def _where(self) -> str:
         p = self.position

@@ -16,6 +16,7 @@ import tempfile
 import warnings
 import zipfile
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,16 +110,42 @@ def stream_outline(tasks: list[dict], class_names: list[str], input_shape, max_v
 
 
 def load(path: Path, device: str | torch.device = "cpu") -> Loaded:
-    """Rebuild a checkpoint's model and strategy as `engine.Run` does, in eval mode on `device`."""
-    from hydra.errors import HydraException
-    from hydra.utils import instantiate
-
-    from incr_cli import checkpoint
+    """Rebuild a checkpoint's model and strategy as `engine.Run` builds them, in eval mode on `device`."""
+    from incr_cli import build
     from incr_cli.data.batches import Preprocess
-    from incr_cli.models.head import IncrementalNet
-    from incr_cli.strategies.base import Context
 
     path, device = checkpoint_path(Path(path)), torch.device(device)
+    state = read_checkpoint(path, device)
+    cfg = OmegaConf.create(state["config"])
+    tasks = state["metrics"]["tasks"]
+    n_seen = seen_classes(tasks, state["position"])
+    if n_seen == 0:
+        raise InferenceError(f"{path} was written before the model learned any class")
+    max_value = int(state["max_value"])
+    with rebuilding(path):
+        model = build.build_model(cfg, len(state["class_names"]), device)
+    if cfg.dataset.get("normalize") and None in (cfg.dataset.get("mean"), cfg.dataset.get("std")):
+        # training fills a null mean and std in before its first checkpoint; a config without them is not a run's
+        raise InferenceError(f"{path} holds no normalisation values (dataset.mean, dataset.std): train again")
+    preprocess = Preprocess(cfg.dataset, max_value, device)
+    input_shape = tuple(int(s) for s in cfg.dataset.input_shape)
+    stream = stream_outline(tasks, state["class_names"], input_shape, max_value, device)
+    rng = torch.Generator(device=device).manual_seed(int(cfg.seed))
+    with rebuilding(path):
+        make_optimizer = build.optimizer_factory(cfg)
+        strategy = build.build_strategy(cfg, model, stream, preprocess, rng, device, make_optimizer)
+    build.load_trained(model, strategy, state)
+    model.head.grow(n_seen)
+    model.eval()
+    return Loaded(path, cfg, model, strategy, preprocess, list(state["class_names"]), tasks, n_seen,
+                  trained_tasks(state["position"]), max_value, device)  # fmt: skip
+
+
+def read_checkpoint(path: Path, device: torch.device) -> dict:
+    """The checkpoint's state, refused with one line when the file is not an incr checkpoint or predates the
+    config, class names and pixel range that loading it needs."""
+    from incr_cli import checkpoint
+
     other = other_kind_of_file(path)
     if other:
         raise InferenceError(f"{path} is not a usable incr checkpoint: it is {other}; {CHECKPOINT_HINT}")
@@ -130,41 +157,20 @@ def load(path: Path, device: str | torch.device = "cpu") -> Loaded:
         raise InferenceError(
             f"{path} holds no config, class names and pixel range (written by an older incr): train it again"
         )
-    cfg = OmegaConf.create(state["config"])
-    tasks = state["metrics"]["tasks"]
-    n_seen = seen_classes(tasks, state["position"])
-    if n_seen == 0:
-        raise InferenceError(f"{path} was written before the model learned any class")
-    max_value = int(state["max_value"])
-    input_shape = tuple(int(s) for s in cfg.dataset.input_shape)
+    return state
+
+
+@contextmanager
+def rebuilding(path: Path):
+    """A config this version cannot build (e.g. a strategy it does not have) as one line naming the file."""
+    from hydra.errors import HydraException
+
     try:
-        backbone = instantiate(cfg.model, input_shape=input_shape)
-        strategy = instantiate(cfg.strategy)
-    except HydraException as error:  # e.g. a checkpoint of a strategy this version does not have
+        yield
+    except HydraException as error:
         raise InferenceError(
             f"{path}: cannot rebuild its model or strategy ({error})".splitlines()[0]
         ) from None
-    model = IncrementalNet(backbone, len(state["class_names"])).to(device)
-    if cfg.dataset.get("normalize") and None in (cfg.dataset.get("mean"), cfg.dataset.get("std")):
-        # training fills a null mean and std in before its first checkpoint; a config without them is not a run's
-        raise InferenceError(f"{path} holds no normalisation values (dataset.mean, dataset.std): train again")
-    preprocess = Preprocess(cfg.dataset, max_value, device)
-    stream = stream_outline(tasks, state["class_names"], input_shape, max_value, device)
-    rng = torch.Generator(device=device).manual_seed(int(cfg.seed))
-
-    def make_optimizer(parameters):
-        return instantiate(cfg.optimizer, params=list(parameters))
-
-    epochs = 1 if cfg.train.get("online") else cfg.epochs
-    strategy.setup(Context(model, stream, preprocess, rng, device, make_optimizer, cfg.batch_size, epochs,
-                           cfg.seed, cfg.dataset.get("scenario", "class_il")))  # fmt: skip
-    strategy.restore_structure(state["strategy"])  # a grown network takes its saved shape first
-    model.load_state_dict(state["model"])
-    strategy.load_state_dict(state["strategy"])
-    model.head.grow(n_seen)
-    model.eval()
-    return Loaded(path, cfg, model, strategy, preprocess, list(state["class_names"]), tasks, n_seen,
-                  trained_tasks(state["position"]), max_value, device)  # fmt: skip
 
 
 def other_kind_of_file(path: Path) -> str | None:
