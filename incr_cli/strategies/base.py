@@ -6,13 +6,13 @@ for methods that change the update itself, such as GEM or MER), `after_task`, an
 that classify differently. Everything it remembers between tasks goes through `state_dict`, so resume is
 exact: tensors, numbers, strings, lists and dicts only (checkpoints load with `weights_only=True`).
 What many methods do alike (draw a replay batch, offer samples to the memory, join the memory's rows to a
-task's) are helpers on `Strategy`, below the hooks."""
+task's, train a second stage of the method's own through the step runner) are helpers on `Strategy`, below
+the hooks."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +22,7 @@ from incr_cli.data.batches import Batch, Preprocess
 from incr_cli.data.stream import Stream, Task
 from incr_cli.memory import Memory
 from incr_cli.models.head import IncrementalNet
-
-if TYPE_CHECKING:
-    from incr_cli.step import StepRunner
+from incr_cli.step import Hardware, StepRunner
 
 
 @dataclass
@@ -42,6 +40,9 @@ class Context:
     epochs: int
     seed: int
     scenario: str = "class_il"  # class_il | task_il | domain_il (incr_cli/data/stream.py)
+    # builds a step runner of the run's precision and non-finite policy around an optimizer, for training
+    # stages of a method's own (`Strategy.run_stage`); None: they copy the runner of the task's steps
+    make_step_runner: Callable[[torch.optim.Optimizer, Callable[[], str]], StepRunner] | None = None
 
 
 class Strategy:
@@ -89,9 +90,14 @@ class Strategy:
     def loss(self, batch: Batch) -> Tensor:
         return F.cross_entropy(self.logits(batch), batch.y)
 
+    # The runner of the task's steps, kept by `training_step` for the stages of the method's own (an override
+    # of `training_step` that wants `run_stage` to copy it keeps it too).
+    step_runner: StepRunner | None = None
+
     def training_step(self, batch: Batch, runner: StepRunner) -> Tensor:
         """One update from one batch. Methods that change the update (projected or meta-learned gradients)
         override this; `runner` does the scaled backward, the non-finite check and the step."""
+        self.step_runner = runner
         with runner.autocast():
             loss = self.loss(batch)
         if runner.backward(loss):
@@ -172,6 +178,69 @@ class Strategy:
         if not len(self.memory):
             return rows
         return torch.cat([rows, self.memory_rows(row_extra).to(rows.device)])
+
+    def stage_runner(self, optimizer: torch.optim.Optimizer, where: Callable[[], str]) -> StepRunner:
+        """A step runner around `optimizer` for a training stage of the method's own, with the run's precision
+        (a fresh loss scaler) and non-finite policy: from the engine (`Context.make_step_runner`), else a
+        copy of the runner of the task's steps; a run resumed right after its task's last step has neither
+        and steps in full precision, stopping on a non-finite loss."""
+        if self.context.make_step_runner is not None:
+            return self.context.make_step_runner(optimizer, where)
+        runner = self.step_runner
+        if runner is None:
+            hardware = Hardware(self.context.device, None)
+            return StepRunner(optimizer, hardware.grad_scaler(), hardware, "stop", where)
+        hardware = runner.hardware
+        return StepRunner(optimizer, hardware.grad_scaler(), hardware, runner.on_nonfinite, where)
+
+    def run_stage(
+        self,
+        samples: Tensor | Memory,
+        loss: Callable[[Batch], Tensor],
+        optimizer: torch.optim.Optimizer,
+        epochs: int,
+        *,
+        batch_size: int | None = None,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        after_step: Callable[[], None] | None = None,
+        name: str = "stage",
+    ) -> None:
+        """A training stage of the method's own (DER's classifier re-learning, FOSTER's compression, GDumb's
+        training on its memory, LUCIR's balanced finetuning), through the step runner (`stage_runner`), so that
+        mixed precision and the non-finite guard hold there as in the task's steps.
+
+        `samples`: the stream's training rows (a tensor of row indices) or a memory's samples. `epochs` passes
+        over them, each in a fresh order drawn from the run's generator, cut into batches of `batch_size`
+        (None: the run's); per batch, `loss(batch)` on the raw samples (the loss applies the transform), under
+        autocast, its scaled backward, `optimizer`'s step and then `after_step()` (skipped with a batch that
+        the non-finite policy skips); `scheduler` steps after every epoch. `name` says where a non-finite loss
+        struck ("task 2, compression"). The optimizer's gradients are cleared before and after."""
+        batch_size = batch_size or self.context.batch_size
+        position = {"epoch": 0, "step": 0}
+        runner = self.stage_runner(
+            optimizer, lambda: f"{name} epoch {position['epoch'] + 1}, step {position['step'] + 1}"
+        )
+        n_samples = len(samples)
+        runner.zero_grad()
+        for epoch in range(epochs):
+            position["epoch"] = epoch
+            order = torch.randperm(n_samples, generator=self.rng, device=self.rng.device)
+            for step, first in enumerate(range(0, n_samples, batch_size)):
+                position["step"] = step
+                if isinstance(samples, Memory):
+                    batch = samples.batch(order[first : first + batch_size].to(samples.y.device))
+                else:
+                    rows = samples[order[first : first + batch_size].to(samples.device)]
+                    batch = Batch(self.stream.train_x[rows], self.stream.train_y[rows])
+                with runner.autocast():
+                    batch_loss = loss(batch)
+                if runner.backward(batch_loss):
+                    runner.step()
+                    if after_step is not None:
+                        after_step()
+            if scheduler is not None:
+                scheduler.step()
+        runner.zero_grad()
 
     def state_dict(self) -> dict:
         return {} if self.memory is None else {"memory": self.memory.state_dict()}

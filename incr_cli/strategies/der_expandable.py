@@ -144,20 +144,19 @@ class DynamicallyExpandableRepresentation(GrowingNetwork):
         scheduler = torch.optim.lr_scheduler.MultiStepLR(
             optimizer, self.relearn_milestones, self.relearn_gamma
         )
-        steps = self.stage_steps(
-            optimizer, lambda: f"task {task.id + 1}, classifier re-learning epoch {scheduler.last_epoch + 1}"
-        )
         bias_grad = head.bias.requires_grad
         head.bias.requires_grad_(False)
         was_training = self.model.training
         self.model.eval()  # batch-norm statistics stay; the augmentation still applies (training transform)
 
-        def relearn_loss(x: Tensor, y: Tensor) -> Tensor:
+        def relearn_loss(batch: Batch) -> Tensor:
+            x = self.context.preprocess(batch.x, self.rng)
             with torch.no_grad():
                 features = self.model.backbone(x)
-            return F.cross_entropy(head(features).float() / self.relearn_temperature, y)
+            return F.cross_entropy(head(features).float() / self.relearn_temperature, batch.y)
 
-        self.run_stage(rows, self.relearn_epochs, steps, scheduler, relearn_loss)
+        stage = f"task {task.id + 1}, classifier re-learning"
+        self.run_stage(rows, relearn_loss, optimizer, self.relearn_epochs, scheduler=scheduler, name=stage)
         head.bias.requires_grad_(bias_grad)
         self.model.train(was_training)
 

@@ -220,20 +220,19 @@ class FeatureBoostingAndCompression(GrowingNetwork):
             student.parameters(), lr=self.compression_lr, momentum=0.9, weight_decay=0.0
         )
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-        steps = self.stage_steps(
-            optimizer, lambda: f"task {task.id + 1}, compression epoch {scheduler.last_epoch + 1}"
-        )
         was_training = teacher.training
         teacher.eval()
         student.train()
 
-        def compression_loss(x: Tensor, y: Tensor) -> Tensor:
+        def compression_loss(batch: Batch) -> Tensor:
+            x = self.context.preprocess(batch.x, self.rng)
             with torch.no_grad():
                 teacher_logits = teacher(x)
             student_logits = student_head(student_backbone(x))
             return distillation(student_logits, teacher_logits, self.temperature, self.compression_weights)
 
-        self.run_stage(self.training_indices(task), epochs, steps, scheduler, compression_loss)
+        rows, stage = self.training_indices(task), f"task {task.id + 1}, compression"
+        self.run_stage(rows, compression_loss, optimizer, epochs, scheduler=scheduler, name=stage)
         teacher.train(was_training)
         student.train(was_training)
         return student

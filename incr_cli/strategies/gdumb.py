@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from incr_cli.data.batches import Batch
 from incr_cli.data.stream import Task
 from incr_cli.memory import Memory
 from incr_cli.strategies.base import Strategy
@@ -78,9 +79,10 @@ class GDumb(Strategy):
     before every task where this draws new ones. Left out: the paper's long-schedule recipe, which Mammoth's
     defaults give as SGD from lr 0.05 with a warm-up epoch and cosine annealing with warm restarts down to
     0.0005, cutmix (alpha 1) and 256 epochs; `epochs`, `batch_size` and the run's optimizer are the knobs that
-    remain. The memory training runs in full precision and outside the engine's non-finite guard and timers
-    (`after_task` gets no `StepRunner`). Mammoth's `gdumb` fills a reservoir memory instead and trains only
-    after the last task."""
+    remain. The memory training steps through the step runner (`Strategy.run_stage`): the run's precision and
+    non-finite policy where the engine provides its runner (`Context.make_step_runner`), else full precision,
+    stopping on a non-finite loss (GDumb takes no step in a task's epochs: there is no runner to copy).
+    Mammoth's `gdumb` fills a reservoir memory instead and trains only after the last task."""
 
     def __init__(
         self, memory: GreedyClassBalancedMemory, epochs: int | None = None, batch_size: int | None = None
@@ -100,7 +102,7 @@ class GDumb(Strategy):
         rows = task.train_index[order.to(task.train_index.device)]
         self.remember_rows(rows)
         self.reinitialise()
-        self.fit_memory()
+        self.fit_memory(f"task {task.id + 1}, memory training")
 
     def reinitialise(self) -> None:
         """Fresh weights for every module, drawn from torch's global generator."""
@@ -111,21 +113,18 @@ class GDumb(Strategy):
             elif callable(getattr(module, "reset_parameters", None)):
                 module.reset_parameters()
 
-    def fit_memory(self) -> None:
+    def fit_memory(self, name: str = "memory training") -> None:
+        """Train the model on the memory alone with the run's optimizer (`name`: the stage, in errors)."""
         if not len(self.memory):
             return
         optimizer = self.context.make_optimizer(self.model.parameters())
-        batch_size = self.batch_size or self.context.batch_size
         self.model.train()
-        for _ in range(self.epochs or self.context.epochs):
-            order = torch.randperm(len(self.memory), generator=self.rng, device=self.rng.device)
-            for first in range(0, len(order), batch_size):
-                batch = self.memory.batch(order[first : first + batch_size].to(self.memory.y.device))
-                loss = F.cross_entropy(self.logits(batch), batch.y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+
+        def memory_loss(batch: Batch) -> Tensor:
+            return F.cross_entropy(self.logits(batch), batch.y)
+
+        epochs = self.epochs or self.context.epochs
+        self.run_stage(self.memory, memory_loss, optimizer, epochs, batch_size=self.batch_size, name=name)
 
 
 @torch.no_grad()

@@ -1,45 +1,14 @@
 """The growing network that DER and FOSTER share: one more feature extractor per task next to the frozen old
-ones, an auxiliary classifier while a task trains, and second training stages on the engine's step runner."""
+ones, and an auxiliary classifier while a task trains."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import nullcontext
-from typing import TYPE_CHECKING
-
-import torch
 from torch import Tensor, nn
 
-from incr_cli.data.batches import Batch
 from incr_cli.data.stream import Task
 from incr_cli.memory import Memory
 from incr_cli.models.expandable import ExpandableBackbone
 from incr_cli.strategies.base import Context, Strategy
-
-if TYPE_CHECKING:
-    from incr_cli.step import StepRunner
-
-
-class _PlainSteps:
-    """Full-precision steps for a second stage that found no engine step runner to copy (a run resumed just
-    after its task's last step): backward and step, as the engine's runner does without mixed precision."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer):
-        self.optimizer = optimizer
-
-    def autocast(self):
-        return nullcontext()
-
-    def backward(self, loss: Tensor) -> bool:
-        loss.backward()
-        return True
-
-    def step(self) -> None:
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
 
 
 class GrowingNetwork(Strategy):
@@ -53,7 +22,6 @@ class GrowingNetwork(Strategy):
 
     def __init__(self, memory: Memory):
         self.memory = memory
-        self._step_runner: StepRunner | None = None
 
     def setup(self, context: Context) -> None:
         super().setup(context)
@@ -83,44 +51,6 @@ class GrowingNetwork(Strategy):
     def auxiliary_outputs(self) -> int:
         head = getattr(self.model, "auxiliary_head", None)
         return 0 if head is None else head.out_features
-
-    def training_step(self, batch: Batch, runner: StepRunner) -> Tensor:
-        self._step_runner = runner  # its precision and non-finite policy also run the second stage
-        return super().training_step(batch, runner)
-
-    def stage_steps(self, optimizer: torch.optim.Optimizer, where: Callable[[], str]):
-        """A step runner for a training stage of the method's own (FOSTER's compression, DER's classifier
-        re-learning) on its own optimizer: the engine's runner of this task's steps, rebuilt around that
-        optimizer with a fresh loss scaler, so that mixed precision and the non-finite guard hold there too."""
-        runner = self._step_runner
-        if runner is None:
-            return _PlainSteps(optimizer)
-        hardware = runner.hardware
-        return type(runner)(optimizer, hardware.grad_scaler(), hardware, runner.on_nonfinite, where)
-
-    def run_stage(
-        self,
-        rows: Tensor,
-        epochs: int,
-        steps: StepRunner | _PlainSteps,
-        scheduler: torch.optim.lr_scheduler.LRScheduler,
-        stage_loss: Callable[[Tensor, Tensor], Tensor],
-    ) -> None:
-        """A second training stage: `epochs` shuffled passes over the stream's training `rows` in batches of
-        the run's size, each batch's `stage_loss(x, y)` (x with the training transform) stepped by `steps`
-        (from `stage_steps`), `scheduler` stepped once per epoch."""
-        batch_size = self.context.batch_size
-        for _ in range(epochs):
-            order = torch.randperm(len(rows), generator=self.rng, device=self.rng.device).to(rows.device)
-            for first in range(0, len(order), batch_size):
-                batch_rows = rows[order[first : first + batch_size]]
-                x = self.context.preprocess(self.stream.train_x[batch_rows], self.rng)
-                with steps.autocast():
-                    loss = stage_loss(x, self.stream.train_y[batch_rows])
-                if steps.backward(loss):
-                    steps.step()
-            scheduler.step()
-        steps.zero_grad()
 
     def training_indices(self, task: Task) -> Tensor:
         return self.rows_with_memory(task.train_index, row_extra="row")
