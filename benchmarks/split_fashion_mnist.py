@@ -7,7 +7,7 @@ of incr but MER (METHODS below: memory methods at the protocol's 500 samples).
 
 For each method this script runs ONE Hydra multirun of incr over the seeds, e.g.
     incr train -m experiment=split_fashion_mnist strategy=replay strategy.memory.size=500 seed=0,1,2 \
-        hardware=cpu hardware.num_threads=2 progress=false hydra.sweep.dir=outputs/benchmarks/p2/<time>/replay
+        hardware=cpu hardware.num_threads=2 progress=false hydra.sweep.dir=outputs/benchmarks/split_fashion_mnist/<time>/replay
 (one multirun per method, because only replay takes the memory override), then runs the same seeds through
 benchmarks/plain_loop.py (a hand-written PyTorch loop doing the same work: the speed limit), reads every incr
 job's metrics.json, and prints a markdown section comparing both with the reference figures (REFERENCE below).
@@ -40,7 +40,7 @@ import plain_loop  # noqa: E402  (benchmarks/ is a folder of scripts, not a pack
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- p2:begin -->", "<!-- p2:end -->"  # this script owns only what lies between these
+BEGIN, END = "<!-- split-fashion-mnist:begin -->", "<!-- split-fashion-mnist:end -->"  # this script owns only what lies between these
 
 # Each method and the overrides it needs on top of the experiment; the memory size is the protocol's, not replay's
 # default. incr's strategy name -> the overrides that give the protocol's settings for that method.
@@ -333,7 +333,7 @@ def main() -> None:
         "--methods", default=",".join(METHODS), help=f"comma-separated, from: {','.join(METHODS)}"
     )
     parser.add_argument("--out", type=Path, default=None,
-                        help="where the incr sweeps go (default: outputs/benchmarks/p2/<date_time>/)")  # fmt: skip
+                        help="where the incr sweeps go (default: outputs/benchmarks/split_fashion_mnist/<date_time>/)")  # fmt: skip
     parser.add_argument("--write", nargs="?", type=Path, const=DOCS, default=None, metavar="PAGE",
                         help=f"replace this benchmark's section of PAGE (default {DOCS.relative_to(REPO)}) instead of printing")  # fmt: skip
     args = parser.parse_args()
@@ -343,7 +343,7 @@ def main() -> None:
         parser.error(f"unknown method(s) {', '.join(sorted(unknown))}; valid: {', '.join(METHODS)}")
     out = (
         args.out
-        or REPO / "outputs" / "benchmarks" / "p2" / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+        or REPO / "outputs" / "benchmarks" / "split_fashion_mnist" / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     ).resolve()
     command = shlex.join(["python", "benchmarks/split_fashion_mnist.py", *sys.argv[1:]])
 
