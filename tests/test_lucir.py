@@ -33,6 +33,8 @@ class Identity(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.flatten(1)
 
+    embedding_before_activation = forward  # no activation to leave out
+
 
 TWO_PIXELS = {"input_shape": [2, 1, 1], "normalize": False, "mean": [0.0], "std": [1.0],
               "augment": {"crop_padding": 0, "horizontal_flip": False, "rotation_degrees": 0.0}}  # fmt: skip

@@ -20,7 +20,7 @@ from incr_cli.models.resnet import ResNet32
 from incr_cli.step import Hardware, StepRunner
 from incr_cli.strategies.base import Context
 from incr_cli.strategies.cosine import embed, embedding_distillation
-from incr_cli.strategies.podnet import PODNet, local_similarity, nca_loss, pod_spatial, stage_modules
+from incr_cli.strategies.podnet import PODNet, local_similarity, nca_loss, pod_spatial
 
 
 def test_pod_spatial_distance_by_hand():
@@ -77,7 +77,7 @@ def test_nca_loss_by_hand():
 def test_pod_spatial_distils_the_end_of_every_resnet_stage():
     # ResNet-32: three stages of five blocks; their last blocks are 4, 9 and 14
     backbone = ResNet32((3, 32, 32))
-    assert stage_modules(backbone) == [backbone.stages[4], backbone.stages[9], backbone.stages[14]]
+    assert backbone.stage_modules() == [backbone.stages[4], backbone.stages[9], backbone.stages[14]]
 
 
 def test_pod_spatial_takes_the_last_resnet_stage_before_its_relu():
@@ -85,7 +85,7 @@ def test_pod_spatial_takes_the_last_resnet_stage_before_its_relu():
     torch.manual_seed(0)
     backbone = ResNet32((3, 8, 8), width=4).eval()
     with torch.no_grad():
-        stages, features = embed(backbone, torch.randn(2, 3, 8, 8), stage_modules(backbone))
+        stages, features = embed(backbone, torch.randn(2, 3, 8, 8), backbone.stage_modules())
     assert len(stages) == 3
     assert (stages[0] >= 0).all() and (stages[1] >= 0).all()
     assert (stages[2] < 0).any() and (features < 0).any()

@@ -17,6 +17,9 @@ def _conv_stack(in_channels: int, channels: list[int], convs_per_pool: int) -> t
 
 
 class _ConvFC(nn.Module):
+    """Conv layers with max-pooling, then a hidden fully connected ReLU layer. A `Backbone`: its stages end
+    at every pooling."""
+
     def __init__(
         self, input_shape, input_size: int, channels: list[int], hidden_size: int, convs_per_pool: int
     ):
@@ -30,6 +33,12 @@ class _ConvFC(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.convs(x))
+
+    def embedding_before_activation(self, x: Tensor) -> Tensor:
+        return self.fc[:-1](self.convs(x))  # fc ends with its ReLU
+
+    def stage_modules(self) -> list[nn.Module]:
+        return [layer for layer in self.convs if isinstance(layer, nn.MaxPool2d)]
 
 
 class ConvNet(_ConvFC):

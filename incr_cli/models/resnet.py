@@ -42,6 +42,9 @@ class BasicBlock(nn.Module):
 
 
 class _CifarResNet(nn.Module):
+    """A 3x3 conv-BN-ReLU stem, stages of basic blocks, global average pooling. A `Backbone`: each stage
+    ends at its last block."""
+
     def __init__(self, in_channels: int, widths: list[int], blocks: list[int], zero_pad_shortcut: bool):
         super().__init__()
         self.stem = nn.Sequential(
@@ -74,6 +77,10 @@ class _CifarResNet(nn.Module):
             return self(x)
         finally:
             last.activate = True
+
+    def stage_modules(self) -> list[nn.Module]:
+        blocks = list(self.stages)  # a stage ends where the next block halves the resolution, or at the end
+        return [b for i, b in enumerate(blocks) if i + 1 == len(blocks) or blocks[i + 1].stride == 2]
 
 
 class ResNet18(_CifarResNet):

@@ -14,8 +14,8 @@ from torch import Tensor, nn
 from incr_cli.data.batches import Batch
 from incr_cli.data.stream import Task
 from incr_cli.memory import Memory
-from incr_cli.models.convnet import CifarCNN, ConvNet
-from incr_cli.models.mlp import MLP
+from incr_cli.models.backbone import Backbone, require
+from incr_cli.strategies.base import Context
 from incr_cli.strategies.teacher import PreviousTaskTeacher
 
 if TYPE_CHECKING:
@@ -33,41 +33,20 @@ def embedding_distillation(features: Tensor, old_features: Tensor) -> Tensor:
     return (1 - F.cosine_similarity(features.float(), old_features.float(), dim=1)).mean()
 
 
-def final_relu(backbone: nn.Module) -> nn.ReLU | None:
-    """The ReLU module that ends the backbone, where there is one (MLP, ConvNet, CifarCNN)."""
-    last = None
-    if isinstance(backbone, MLP):
-        last = backbone.layers[-1]
-    elif isinstance(backbone, (ConvNet, CifarCNN)):
-        last = backbone.fc[-1]
-    return last if isinstance(last, nn.ReLU) else None
-
-
-def embed(backbone: nn.Module, x: Tensor, stages: Sequence[nn.Module] = ()) -> tuple[list[Tensor], Tensor]:
-    """The outputs of the `stages` modules and the backbone's embedding before its final ReLU (forward hooks
-    held for this call only).
-
-    Both papers' code drops the last ReLU for the cosine classifier: a ReLU output is non-negative, often
-    sparse and sometimes all zero, where the cosine's gradient, which grows as 1 / |f|, is unstable. A
-    backbone whose ReLU is not a module of its own says how to skip it with an `embedding_before_activation`
-    method (the ResNets); otherwise the input of a final ReLU module is taken (MLP, ConvNet, CifarCNN)."""
+def embed(backbone: Backbone, x: Tensor, stages: Sequence[nn.Module] = ()) -> tuple[list[Tensor], Tensor]:
+    """The outputs of the `stages` modules (forward hooks held for this call only) and the backbone's
+    embedding before its last activation, which both papers' cosine classifiers take."""
     outputs: list[Tensor] = []
     hooks = [
         module.register_forward_hook(lambda module, inputs, output: outputs.append(output))
         for module in stages
     ]
-    before_activation = getattr(backbone, "embedding_before_activation", None)
-    relu, before_relu = None if before_activation else final_relu(backbone), []
-    if relu is not None:  # the input is cloned: the in-place ReLU overwrites it
-        hooks.append(
-            relu.register_forward_pre_hook(lambda module, inputs: before_relu.append(inputs[0].clone()))
-        )
     try:
-        features = before_activation(x) if before_activation else backbone(x)
+        features = backbone.embedding_before_activation(x)
     finally:
         for hook in hooks:
             hook.remove()
-    return outputs, before_relu[0] if before_relu else features
+    return outputs, features
 
 
 EXEMPLARS = ("training_set", "joined_batch")
@@ -102,6 +81,8 @@ class EmbeddingDistillation(PreviousTaskTeacher):
     supports_distributed = True  # its state comes from whole tasks, never from one rank's slice
     # BatchNorm during class-balanced finetuning: LUCIR's code keeps the running statistics (eval mode)
     finetune_freezes_batchnorm = False
+    # what the method takes from its backbone (`Backbone`'s members), checked before training
+    backbone_needs: tuple[str, ...] = ("embedding_before_activation",)
 
     def __init__(
         self,
@@ -137,6 +118,10 @@ class EmbeddingDistillation(PreviousTaskTeacher):
         self.finetune_epochs, self.finetune_lr = int(finetune_epochs), float(finetune_lr)
         self.finetune_params, self.finetune_schedule = finetune_params, finetune_schedule
         self.finetune_milestones = [int(m) for m in finetune_milestones]
+
+    def setup(self, context: Context) -> None:
+        super().setup(context)
+        require(self.model.backbone, type(self).__name__, self.backbone_needs)
 
     def register(self, name: str, value: Tensor) -> nn.Parameter:
         """A float32 parameter of the method on the model's head, on the training device."""

@@ -13,24 +13,7 @@ from torch import Tensor, nn
 from incr_cli.data.batches import Batch
 from incr_cli.data.stream import Task
 from incr_cli.memory import Memory
-from incr_cli.models.convnet import CifarCNN, ConvNet
-from incr_cli.models.mlp import MLP
-from incr_cli.models.resnet import ResNet18, ResNet32
 from incr_cli.strategies.cosine import EmbeddingDistillation, cosine_similarity, embed, embedding_distillation
-
-
-def stage_modules(backbone: nn.Module) -> list[nn.Module]:
-    """The modules whose outputs POD-spatial distils: the last block of every ResNet stage, every pooling of
-    a ConvNet, every hidden layer of an MLP but the last (the embedding itself, which POD-flat distils)."""
-    if isinstance(backbone, (ResNet18, ResNet32)):
-        blocks = list(backbone.stages)
-        return [b for i, b in enumerate(blocks) if i + 1 == len(blocks) or blocks[i + 1].stride == 2]
-    if isinstance(backbone, (ConvNet, CifarCNN)):
-        return [m for m in backbone.convs if isinstance(m, nn.MaxPool2d)]
-    if isinstance(backbone, MLP):
-        return [m for m in backbone.layers if isinstance(m, nn.ReLU)][:-1]
-    raise ValueError(f"PODNet does not know the stages of {type(backbone).__name__}; it knows MLP, ConvNet, "
-                     "CifarCNN, ResNet18 and ResNet32")  # fmt: skip
 
 
 def pooled(h: Tensor) -> Tensor:
@@ -113,9 +96,9 @@ class PODNet(EmbeddingDistillation):
     POD-height) of the squared activations, L2-normalised, as in the authors' code and PyCIL (which makes
     the term blind to the activations' scale). `pod_distance: squared` takes the squared distance instead,
     smooth where the two networks agree (the unsquared distance keeps a gradient of full size however small
-    the difference). L_POD-flat = 1 - cos(h, h*), as the authors' code computes it. Stages: the last block
-    of every ResNet stage (the last one before its ReLU, as the embedding), every pooling of a ConvNet,
-    every hidden layer of an MLP but the last (a vector: nothing to pool, P(h) = h^2, normalised).
+    the difference). L_POD-flat = 1 - cos(h, h*), as the authors' code computes it. Stages: the backbone's
+    `stage_modules()` (a ResNet's last stage is taken before its ReLU, as the embedding; a vector output, an
+    MLP layer's, has nothing to pool: P(h) = h^2, normalised).
 
     New classes' proxies start as k-means centroids of the normalised embeddings of their training samples,
     scaled to the old proxies' mean norm (the authors' code's imprinting). One addition: eta never falls
@@ -134,6 +117,8 @@ class PODNet(EmbeddingDistillation):
     Defaults, the paper's for CIFAR-100: lambda_c = 3, lambda_f = 1, K = 10, delta = 0.6, eta starting at 1
     (the authors' code); herding exemplars. Left out: the authors' clamping of every gradient element to
     [-5, 5]."""
+
+    backbone_needs = ("feature_dim", "embedding_before_activation", "stage_modules")
 
     def __init__(
         self,
@@ -172,7 +157,6 @@ class PODNet(EmbeddingDistillation):
 
     def setup(self, context) -> None:
         super().setup(context)
-        stage_modules(self.model.backbone)  # an unknown backbone fails here, before training
         dim = self.model.backbone.feature_dim
         # nn.Linear's initialisation, from a generator of its own so that the run's other draws stay as they are
         generator = torch.Generator().manual_seed(context.seed)
@@ -205,14 +189,14 @@ class PODNet(EmbeddingDistillation):
 
     def loss(self, batch: Batch) -> Tensor:
         x = self.context.preprocess(batch.x, self.rng)
-        stages, features = embed(self.model.backbone, x, stage_modules(self.model.backbone))
+        stages, features = embed(self.model.backbone, x, self.model.backbone.stage_modules())
         seen = self.model.head.n_classes
         loss = nca_loss(self.scores(features, seen), batch.y, self.model.head.scale, self.margin)
         if self.old_model is None or not (self.lambda_spatial or self.lambda_flat):
             return loss
         with torch.no_grad():
             old_stages, old_features = embed(
-                self.old_model.backbone, x, stage_modules(self.old_model.backbone)
+                self.old_model.backbone, x, self.old_model.backbone.stage_modules()
             )
         distillation = self.lambda_flat * embedding_distillation(features, old_features)
         if self.lambda_spatial and stages:
