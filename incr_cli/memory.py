@@ -146,6 +146,40 @@ class Memory:
         self.extras = dict(state.get("extras", {}))
 
 
+class EpisodicMemory(Memory):
+    """Samples kept in the order offered, none evicted: the episodic memories of GEM and A-GEM, whose method
+    picks the samples each finished task keeps. `size` bounds the whole; an offer beyond it is an error."""
+
+    def __init__(self, size: int):
+        super().__init__(size)
+        self.selection = "episodic"
+
+    def _select(self, x, y, generator, features, extras) -> None:
+        if len(self) + len(y) > self.size:
+            raise ValueError(f"an episodic memory of {self.size} samples cannot take {len(y)} more")
+        self.x, self.y = torch.cat([self.x, x]), torch.cat([self.y, y])
+        self.extras = {k: torch.cat([v, extras[k]]) for k, v in self.extras.items()}
+
+
+class RingBuffer(Memory):
+    """The last `size` samples offered, oldest first (GEM's memory-to-be of the task in training, the
+    authors' ring buffer); `clear` empties it."""
+
+    def __init__(self, size: int):
+        super().__init__(size)
+        self.selection = "latest"
+
+    def _select(self, x, y, generator, features, extras) -> None:
+        # Copies, not views: a checkpoint would otherwise hold the whole concatenation.
+        self.x = torch.cat([self.x, x])[-self.size :].clone()
+        self.y = torch.cat([self.y, y])[-self.size :].clone()
+        self.extras = {k: torch.cat([v, extras[k]])[-self.size :].clone() for k, v in self.extras.items()}
+
+    def clear(self) -> None:
+        self.x = self.y = None
+        self.extras, self.n_seen = {}, 0
+
+
 def herding_order(features: Tensor, limit: int | None = None) -> Tensor:
     """Indices of the first `limit` (default: all) `features` rows in herding order (Welling 2009; iCaRL,
     Rebuffi et al. 2017, Alg. 4)."""

@@ -10,8 +10,9 @@ from torch import Tensor
 
 from incr_cli.data.batches import Batch
 from incr_cli.data.stream import Task
+from incr_cli.memory import EpisodicMemory
 from incr_cli.strategies import gradients
-from incr_cli.strategies.base import Strategy
+from incr_cli.strategies.base import Context, Strategy
 
 if TYPE_CHECKING:
     from incr_cli.step import StepRunner
@@ -57,11 +58,13 @@ class AGEM(Strategy):
             raise ValueError(f"sample_size must be at least 1, got {sample_size}")
         self.patterns_per_task = patterns_per_task
         self.sample_size = sample_size
-        self.memory_x: Tensor | None = None  # raw uint8 samples of every finished task
-        self.memory_y: Tensor | None = None
+
+    def setup(self, context: Context) -> None:
+        super().setup(context)
+        self.memory = EpisodicMemory(self.patterns_per_task * len(self.stream.tasks))
 
     def training_step(self, batch: Batch, runner: StepRunner) -> Tensor:
-        if self.memory_y is None:
+        if not len(self.memory):
             return super().training_step(batch, runner)
         parameters = gradients.trainable(self.model)
         with runner.autocast():
@@ -69,9 +72,9 @@ class AGEM(Strategy):
         current = gradients.gradient_of(loss, parameters, runner)
         if current is None:
             return loss.detach()
-        order = torch.randperm(len(self.memory_y), generator=self.rng, device=self.rng.device)
-        rows = order[: self.sample_size].to(self.memory_y.device)
-        sample = Batch(self.memory_x[rows], self.memory_y[rows])
+        # the whole memory while it holds fewer than sample_size samples (Memory.draw would repeat some)
+        order = torch.randperm(len(self.memory), generator=self.rng, device=self.rng.device)
+        sample = self.memory.batch(order[: self.sample_size].to(self.memory.y.device))
         with runner.autocast():
             memory_loss = F.cross_entropy(self.logits(sample), sample.y)
         reference = gradients.gradient_of(memory_loss, parameters, runner)
@@ -88,25 +91,24 @@ class AGEM(Strategy):
         runner.step()
         return loss.detach()
 
+    @property
+    def memory_x(self) -> Tensor | None:
+        """The raw samples of every finished task."""
+        return self.memory.x
+
+    @property
+    def memory_y(self) -> Tensor | None:
+        return self.memory.y
+
     def after_task(self, task: Task) -> None:
         chosen = torch.randperm(len(task.train_index), generator=self.rng, device=self.rng.device)
         index = task.train_index[chosen[: self.patterns_per_task].to(task.train_index.device)]
-        x, y = self.training_samples(index)
-        if self.memory_y is None:
-            self.memory_x, self.memory_y = x, y
-        else:
-            self.memory_x, self.memory_y = torch.cat([self.memory_x, x]), torch.cat([self.memory_y, y])
-
-    @property
-    def memory_samples(self) -> int:
-        return 0 if self.memory_y is None else len(self.memory_y)
-
-    @property
-    def memory_bytes(self) -> int:
-        return 0 if self.memory_y is None else self.memory_x.nbytes + self.memory_y.nbytes
-
-    def state_dict(self) -> dict:
-        return {"memory_x": self.memory_x, "memory_y": self.memory_y}
+        self.memory.add(*self.training_samples(index), self.rng)
 
     def load_state_dict(self, state: dict) -> None:
-        self.memory_x, self.memory_y = state["memory_x"], state["memory_y"]
+        if "memory_x" in state:  # a checkpoint of the tensors that the memory replaced
+            self.memory = EpisodicMemory(self.memory.size)
+            if state["memory_y"] is not None:
+                self.memory.add(state["memory_x"], state["memory_y"], self.rng)
+            return
+        super().load_state_dict(state)

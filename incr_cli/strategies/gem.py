@@ -12,8 +12,9 @@ from torch import Tensor
 
 from incr_cli.data.batches import Batch
 from incr_cli.data.stream import Task
+from incr_cli.memory import EpisodicMemory, RingBuffer
 from incr_cli.strategies import gradients
-from incr_cli.strategies.base import Strategy
+from incr_cli.strategies.base import Context, Strategy
 
 if TYPE_CHECKING:
     from incr_cli.step import StepRunner
@@ -87,17 +88,29 @@ class GEM(Strategy):
             raise ValueError(f"memory_strength must be 0 or more, got {memory_strength}")
         self.patterns_per_task = patterns_per_task
         self.memory_strength = memory_strength
-        self.memory_x: list[Tensor] = []  # one entry per finished task: raw uint8 samples
-        self.memory_y: list[Tensor] = []
-        self.recent_x: Tensor | None = None  # the current task's last samples seen, its memory-to-be
-        self.recent_y: Tensor | None = None
+        self.recent = RingBuffer(patterns_per_task)  # the current task's last samples seen, its memory-to-be
+        self.task_sizes: list[int] = []  # samples of each finished task in the memory, in task order
+
+    def setup(self, context: Context) -> None:
+        super().setup(context)
+        self.memory = EpisodicMemory(self.patterns_per_task * len(self.stream.tasks))
+
+    @property
+    def memory_x(self) -> list[Tensor]:
+        """Each finished task's memory: its raw samples."""
+        return list(self.memory.x.split(self.task_sizes)) if self.task_sizes else []
+
+    @property
+    def memory_y(self) -> list[Tensor]:
+        """Each finished task's memory: its labels."""
+        return list(self.memory.y.split(self.task_sizes)) if self.task_sizes else []
 
     def before_task(self, task: Task) -> None:
-        self.recent_x = self.recent_y = None
+        self.recent.clear()
 
     def training_step(self, batch: Batch, runner: StepRunner) -> Tensor:
-        self._remember(batch)
-        if not self.memory_y:
+        self.recent.add(batch.x, batch.y, self.rng)
+        if not self.task_sizes:
             return super().training_step(batch, runner)
         parameters = gradients.trainable(self.model)
         with runner.autocast():
@@ -125,37 +138,30 @@ class GEM(Strategy):
         runner.step()
         return loss.detach()
 
-    def _remember(self, batch: Batch) -> None:
-        x, y = batch.x, batch.y
-        if self.recent_y is not None:
-            x, y = torch.cat([self.recent_x, x]), torch.cat([self.recent_y, y])
-        # Copies, not views: a checkpoint would otherwise hold the whole concatenation.
-        self.recent_x, self.recent_y = (
-            x[-self.patterns_per_task :].clone(),
-            y[-self.patterns_per_task :].clone(),
-        )
-
     def after_task(self, task: Task) -> None:
-        if self.recent_y is None:
+        if not len(self.recent):
             return
         # A task smaller than the memory shows some samples again in its later epochs: keep each once.
-        keep = min(len(self.recent_y), len(task.train_index))
-        self.memory_x.append(self.recent_x[-keep:].clone())
-        self.memory_y.append(self.recent_y[-keep:].clone())
-        self.recent_x = self.recent_y = None
-
-    @property
-    def memory_samples(self) -> int:
-        return sum(len(y) for y in self.memory_y)
-
-    @property
-    def memory_bytes(self) -> int:
-        return sum(x.nbytes + y.nbytes for x, y in zip(self.memory_x, self.memory_y, strict=True))
+        keep = min(len(self.recent), len(task.train_index))
+        self.memory.add(self.recent.x[-keep:], self.recent.y[-keep:], self.rng)
+        self.task_sizes.append(keep)
+        self.recent.clear()
 
     def state_dict(self) -> dict:
-        return {"memory_x": list(self.memory_x), "memory_y": list(self.memory_y),
-                "recent_x": self.recent_x, "recent_y": self.recent_y}  # fmt: skip
+        state = super().state_dict()
+        state["recent"], state["task_sizes"] = self.recent.state_dict(), list(self.task_sizes)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.memory_x, self.memory_y = list(state["memory_x"]), list(state["memory_y"])
-        self.recent_x, self.recent_y = state["recent_x"], state["recent_y"]
+        self.recent.clear()
+        if "memory_x" in state:  # a checkpoint of the per-task tensors that the memories replaced
+            self.memory = EpisodicMemory(self.memory.size)
+            for x, y in zip(state["memory_x"], state["memory_y"], strict=True):
+                self.memory.add(x, y, self.rng)
+            self.task_sizes = [len(y) for y in state["memory_y"]]
+            if state["recent_y"] is not None:
+                self.recent.add(state["recent_x"], state["recent_y"], self.rng)
+            return
+        super().load_state_dict(state)
+        self.recent.load_state_dict(state["recent"])
+        self.task_sizes = [int(n) for n in state["task_sizes"]]
