@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from incr_cli.data.batches import Preprocess
 from incr_cli.data.stream import Stream
 from incr_cli.models.head import IncrementalNet
+from incr_cli.step import StepRunner
 from incr_cli.strategies.base import Context, Strategy
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
@@ -52,14 +53,26 @@ def build_strategy(
     rng: torch.Generator,
     device: torch.device,
     make_optimizer: OptimizerFactory,
+    make_step_runner: Callable[[torch.optim.Optimizer, Callable[[], str]], StepRunner] | None = None,
 ) -> Strategy:
     """The `strategy` group's method, set up on the model and the stream (a stream's outline will do for a
-    checkpoint: `setup` reads the tasks and classes, not the images)."""
+    checkpoint: `setup` reads the tasks and classes, not the images). The engine gives `make_step_runner`,
+    the runner of a method's own training stages; a checkpoint loaded to predict trains nothing."""
     strategy: Strategy = instantiate(cfg.strategy)
     epochs, scenario = training_epochs(cfg), cfg.dataset.get("scenario", "class_il")
     strategy.setup(
         Context(
-            model, stream, preprocess, rng, device, make_optimizer, cfg.batch_size, epochs, cfg.seed, scenario
+            model,
+            stream,
+            preprocess,
+            rng,
+            device,
+            make_optimizer,
+            cfg.batch_size,
+            epochs,
+            cfg.seed,
+            scenario,
+            make_step_runner,
         )
     )
     return strategy

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,7 +82,14 @@ class Run:
         self.epochs = build.training_epochs(cfg)
         self.make_optimizer = build.optimizer_factory(cfg)
         self.strategy = build.build_strategy(
-            cfg, self.model, self.stream, self.preprocess, self.rng, device, self.make_optimizer
+            cfg,
+            self.model,
+            self.stream,
+            self.preprocess,
+            self.rng,
+            device,
+            self.make_optimizer,
+            self._stage_runner,
         )
         self.writes = distributed.is_main()  # hardware=ddp: rank 0 alone writes files and prints
         self.checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, self.writes)
@@ -254,6 +262,13 @@ class Run:
         self.save_checkpoint(task_end=task.id)
         self.write_results()
         self.model.train()
+
+    def _stage_runner(self, optimizer: torch.optim.Optimizer, where: Callable[[], str]) -> StepRunner:
+        """The step runner of a method's own training stage (Context.make_step_runner): the run's precision,
+        with a fresh loss scaler, and its non-finite policy, also in a run resumed after its task's last step."""
+        return StepRunner(
+            optimizer, self.hardware.grad_scaler(), self.hardware, self.cfg.train.on_nonfinite, where
+        )
 
     def _where(self) -> str:
         p = self.position
