@@ -59,13 +59,13 @@ def plain_loop_images_per_second(amp: bool, args) -> float:
     """ResNet-18 trained on the synthetic tensors with nothing but PyTorch: batches are index slices of the
     device-resident uint8 data, crop and flip are batched tensor ops, one fresh SGD per task."""
     from incr_cli.data.batches import random_crop, random_flip
-    from incr_cli.data.sources import synthetic
+    from incr_cli.data.synthetic import load_synthetic
     from incr_cli.models.resnet import ResNet18
 
     device = torch.device(args.device)
     dataset = OmegaConf.load(REPO / "configs" / "dataset" / "synthetic.yaml")
     dataset.train_per_class = args.train_per_class
-    source = synthetic(dataset)
+    source = load_synthetic(dataset)
     x, y = source.train_x.to(device), source.train_y.to(device)
     mean = torch.tensor(dataset.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(dataset.std, device=device).view(1, 3, 1, 1)

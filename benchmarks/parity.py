@@ -319,7 +319,7 @@ def avalanche_run(
     from PIL import Image
     from torchvision import transforms
 
-    from incr_cli.data.sources import read_idx
+    from incr_cli.data.mnist import read_idx
 
     method, protocol = METHODS[method_name], PROTOCOLS[protocol_name]
     torch.set_num_threads(THREADS)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from incr_cli.data.sources import read_idx
+from incr_cli.data.mnist import read_idx
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
 MEAN, STD = 0.2860, 0.3530

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from incr_cli.errors import ConfigError
 
@@ -29,42 +30,42 @@ def config_dir() -> Path:
 
 @dataclass
 class AugmentConfig:
-    crop_padding: int = 0
+    crop_padding: int = 0  # random crop after zero-padding by this many pixels; 0: off
     horizontal_flip: bool = False
-    rotation_degrees: float = 0.0
+    rotation_degrees: float = 0.0  # random rotation within +-degrees; 0: off
 
 
 @dataclass
 class DatasetConfig:
-    name: str = "digits"
-    num_classes: int | None = 10  # null (dataset=image_folder): counted from the folder by check_config
-    input_shape: list[int] | None = field(default_factory=lambda: [1, 8, 8])
+    """The keys every data set has. A data set's YAML (configs/dataset/) sets name, loader, num_classes and
+    input_shape, and adds its loader's own keys (image_folder's folder, synthetic's train_per_class): the
+    dataset node is open to them, and these keys are type-checked by check_dataset_types."""
+
+    name: str = MISSING
+    # {_target_: a function (dataset, data) -> Source, check: optional (dataset, data) -> None}; null: the
+    # loader of the built-in data set of this name (configs saved before data sets named their loader)
+    loader: Any = None
+    num_classes: int | None = MISSING  # null: counted from the files by the loader's check (image_folder)
+    input_shape: list[int] | None = MISSING  # [channels, height, width]; null: from the files, as num_classes
     n_tasks: int = 5
-    initial_classes: int | None = None
-    class_order: list[int] | None = None
+    initial_classes: int | None = None  # null: every task gets num_classes / n_tasks classes
+    class_order: list[int] | None = None  # a list of class ids; null: 0..n-1, or shuffled by class_order_seed
     class_order_seed: int | None = None
-    val_fraction: float = 0.0
-    scenario: str = "class_il"
+    val_fraction: float = 0.0  # class-stratified hold-out from each task's training data
+    scenario: str = "class_il"  # class_il | task_il | domain_il (with domains: permuted | rotated | folders)
     domains: str | None = None
     domain_seed: int = 0
     rotation_degrees: list[float] | None = None
-    normalize: bool = False
+    normalize: bool = False  # false: pixels only scaled to [0, 1]; true: then (x - mean) / std per channel
     # null (dataset=image_folder only): the training images' own, filled in when the folder is loaded
     mean: list[float] | None = field(default_factory=lambda: [0.0])
     std: list[float] | None = field(default_factory=lambda: [1.0])
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    # dataset=image_folder only (configs/dataset/image_folder.yaml documents them); null for the other data sets
-    folder: str | None = None
-    image_size: Any = None  # a side, [height, width], or null
-    channels: int | None = None
-    test_fraction: float | None = None
-    on_bad_file: str | None = None
-    max_decoded_gb: float | None = None
-    memory_map_gb: float | None = None
-    # dataset=synthetic only (configs/dataset/synthetic.yaml)
-    train_per_class: int | None = None
-    test_per_class: int | None = None
-    generator_seed: int | None = None
+
+
+def dataset_defaults() -> dict:
+    """DatasetConfig's keys and defaults as a plain dict: the schema's dataset node, open to a YAML's own keys."""
+    return OmegaConf.to_container(OmegaConf.structured(DatasetConfig))
 
 
 @dataclass
@@ -101,7 +102,9 @@ class CheckpointConfig:
 @dataclass
 class TrainConfig:
     model: Any = None
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    # Untyped, unlike hardware or data below, so that a data set's YAML may add keys; Hydra still closes it after
+    # composing (a misspelt dataset.KEY=... fails) and check_dataset_types checks DatasetConfig's types.
+    dataset: Any = field(default_factory=dataset_defaults)
     strategy: Any = None
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     optimizer: Any = None
@@ -131,15 +134,14 @@ def check_config(cfg: DictConfig, *, check_data: bool = True) -> None:
             f"unknown top-level key '{unknown[0]}'; valid: {', '.join(TrainConfig.__dataclass_fields__)}"
         )
     _check_positive(cfg, "epochs", "batch_size", "eval_batch_size")
-    if cfg.dataset.name == "image_folder":
-        from incr_cli.data.image_folder import check_folder_domains, check_image_folder
+    from incr_cli.data.sources import check_available, loader
 
-        if cfg.dataset.domains == "folders":
-            check_folder_domains(cfg.dataset)
-        else:
-            check_image_folder(
-                cfg.dataset
-            )  # lists the folder: fills num_classes and input_shape for the checks below
+    check_dataset_types(cfg.dataset)
+    # A data set whose num_classes or input_shape is null learns them from its files (an image folder is
+    # listed): its check runs first, as the checks below need them, and even when data is not looked for.
+    from_files = cfg.dataset.num_classes is None or cfg.dataset.input_shape is None
+    if from_files:
+        check_available(cfg.dataset.name, cfg.data, cfg.dataset)
     check_stream(cfg.dataset)
     _check_hardware(cfg.hardware)
     _check_choice("train.on_nonfinite", cfg.train.on_nonfinite, NONFINITE_ACTIONS)
@@ -179,10 +181,10 @@ def check_config(cfg: DictConfig, *, check_data: bool = True) -> None:
     if cfg.hardware.distributed and not getattr(strategy, "supports_distributed", False):
         raise ConfigError(f"{name} does not run under hardware=ddp yet; strategies that do: "
                           f"{', '.join(_strategies_with('supports_distributed'))}")  # fmt: skip
-    if check_data:
-        from incr_cli.data.sources import check_available
-
-        check_available(cfg.dataset.name, cfg.data)
+    if check_data and not from_files:
+        check_available(cfg.dataset.name, cfg.data, cfg.dataset)
+    else:
+        loader(cfg.dataset.name, cfg.dataset)  # its functions import: a misspelt _target_ fails here
 
 
 def check_target(key: str, node: DictConfig) -> None:
@@ -413,8 +415,28 @@ def _check_domains(dataset: DictConfig) -> None:
                           "give one per task, or null for evenly spaced angles")  # fmt: skip
 
 
+def check_dataset_types(dataset: DictConfig) -> None:
+    """DatasetConfig's keys against their types, as Hydra checks a typed node (the dataset node is open for a
+    data set's own keys). A plain value is written back as a typed node holds it (0 -> 0.0); interpolations
+    (class_order_seed: ${seed}) are left as they are."""
+    missing = sorted(OmegaConf.missing_keys(dataset))
+    if missing:
+        raise ConfigError(f"dataset.{missing[0]} has no value; the data set's YAML must set it")
+    try:
+        common = {key: dataset[key] for key in DatasetConfig.__dataclass_fields__ if key in dataset}
+        typed = OmegaConf.merge(OmegaConf.structured(DatasetConfig), common)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None)
+        where = f"dataset.{key}={_show(OmegaConf.select(dataset, key))}: " if key else "dataset: "
+        raise ConfigError(where + str(error).splitlines()[0]) from None
+    for key, value in common.items():
+        if not isinstance(value, (DictConfig, ListConfig)) and not OmegaConf.is_interpolation(dataset, key):
+            dataset[key] = typed[key]
+
+
 def check_stream(dataset: DictConfig) -> None:
     """The stream's settings: scenario and domains, the class split, class order, hold-out, normalisation."""
+    check_dataset_types(dataset)
     n_classes, n_tasks, initial = dataset.num_classes, dataset.n_tasks, dataset.initial_classes
     if n_tasks < 1:
         raise ConfigError(f"dataset.n_tasks={n_tasks} must be at least 1")

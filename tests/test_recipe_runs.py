@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from test_sources import write_cifar10, write_cifar100, write_mnist
 
-from incr_cli.data.sources import read_idx
+from incr_cli.data.mnist import read_idx
 
 
 def saved_config(run_dir: Path):

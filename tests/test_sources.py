@@ -13,7 +13,8 @@ import pytest
 import torch
 from conftest import compose_config, run_experiment
 
-from incr_cli.data.sources import FASHION_CLASSES, load_source
+from incr_cli.data.mnist import FASHION_CLASSES
+from incr_cli.data.sources import load_source
 from incr_cli.errors import ConfigError
 
 TRAIN_PER_CLASS, TEST_PER_CLASS = 20, 5
@@ -252,16 +253,16 @@ def test_trains_end_to_end_on_mnist_files_with_the_convnet(tmp_path):
 def test_synthetic_data_is_cifar_shaped_and_depends_on_its_seed_alone():
     from omegaconf import OmegaConf
 
-    from incr_cli.data.sources import synthetic
+    from incr_cli.data.synthetic import load_synthetic
 
     dataset = OmegaConf.create({"num_classes": 5, "input_shape": [3, 32, 32], "train_per_class": 4,
                                 "test_per_class": 2, "generator_seed": 0})  # fmt: skip
-    source = synthetic(dataset)
+    source = load_synthetic(dataset)
     assert source.train_x.shape == (20, 3, 32, 32) and source.train_x.dtype == torch.uint8
     assert source.train_y.tolist() == [c for c in range(5) for _ in range(4)] and len(source.test_y) == 10
-    assert torch.equal(synthetic(dataset).train_x, source.train_x)  # seeded
+    assert torch.equal(load_synthetic(dataset).train_x, source.train_x)  # seeded
     dataset.generator_seed = 1
-    assert not torch.equal(synthetic(dataset).train_x, source.train_x)
+    assert not torch.equal(load_synthetic(dataset).train_x, source.train_x)
     # images of one class share their template: closer to each other than to another class's
     x = source.train_x.float().flatten(1)
     same = (x[0] - x[1]).abs().mean()

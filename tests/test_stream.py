@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import compose_config
 
-from incr_cli.data.sources import Source
+from incr_cli.data.source import Source
 from incr_cli.data.stream import build_stream
 
 N_CLASSES, TRAIN_PER_CLASS, TEST_PER_CLASS = 10, 20, 6

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, ListConfig
 
-from incr_cli.data.sources import Source
+from incr_cli.data.source import Source
 from incr_cli.errors import ConfigError
 
 log = logging.getLogger("incr")
@@ -59,6 +59,22 @@ class FolderPlan:
     channels: int
     test_fraction: float
     on_bad_file: str
+
+
+def load_images(dataset: DictConfig, data: DictConfig) -> Source:
+    """`dataset=image_folder`'s loader: one folder, or with dataset.domains=folders one folder per domain."""
+    if dataset.get("domains") == "folders":
+        return load_folder_domains(dataset, data)
+    return load_image_folder(dataset, data)
+
+
+def check_images(dataset: DictConfig, data: DictConfig) -> None:
+    """`dataset=image_folder`'s check: the folder (or each domain folder) listed, decoding nothing; fills in
+    dataset.num_classes and dataset.input_shape."""
+    if dataset.get("domains") == "folders":
+        check_folder_domains(dataset)
+    else:
+        check_image_folder(dataset)
 
 
 def check_image_folder(dataset: DictConfig) -> FolderPlan:

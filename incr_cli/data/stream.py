@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from incr_cli.data.sources import Source
+from incr_cli.data.source import Source
 
 
 @dataclass
