@@ -15,14 +15,14 @@ class Backbone(Protocol):
 
     Every built-in backbone (MLP, ConvNet, CifarCNN, ResNet18, ResNet32) has these; a new one needs them only
     for the strategies that use them, which check at their setup, before any training:
-    - `feature_dim`: the size of the embedding that `forward` returns (every strategy: the head's width);
+    - `feature_dim`: the size of the embedding that `forward` returns, the head's width (every run needs it);
     - `embedding_before_activation(x)`: that embedding without the network's last activation, from the same
       layers in the same order. The cosine classifiers of LUCIR and PODNet take it, as their authors' code
       does: a ReLU output is non-negative, often sparse and sometimes all zero, where the cosine's gradient,
       which grows as 1 / |f|, is unstable. A network that ends without an activation returns its `forward`;
     - `stage_modules()`: the modules whose outputs are the network's intermediate representations, in
       order from the input, the embedding itself left out (PODNet distils them, POD-spatial). Their outputs
-      are read with forward hooks, so each must be called once per forward pass."""
+      are read with forward hooks, so each must run once per forward pass."""
 
     feature_dim: int
 

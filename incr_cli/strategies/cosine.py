@@ -75,8 +75,8 @@ class EmbeddingDistillation(PreviousTaskTeacher):
       `finetune_lr`, kept constant, annealed by a cosine, or divided by 10 at each of
       `finetune_milestones` (`finetune_schedule`). `finetune_params: classifier` trains the classifier's rows,
       old and new, and nothing else (both authors' code); `network` trains every parameter but the old rows
-      (PyCIL's PODNet). The stage runs in full precision and outside the engine's non-finite guard and
-      timers (`after_task` has no `StepRunner`), as GDumb's and FOSTER's second stages."""
+      (PyCIL's PODNet). The stage steps through the step runner (`Strategy.run_stage`), with the run's
+      precision and non-finite policy."""
 
     supports_distributed = True  # its state comes from whole tasks, never from one rank's slice
     # BatchNorm during class-balanced finetuning: LUCIR's code keeps the running statistics (eval mode)
@@ -158,6 +158,7 @@ class EmbeddingDistillation(PreviousTaskTeacher):
         raise NotImplementedError
 
     def training_step(self, batch: Batch, runner: StepRunner) -> Tensor:
+        self.step_runner = runner  # its precision and non-finite policy also run the finetuning stage
         with runner.autocast():
             loss = self.loss(self.with_replay(batch))
         if runner.backward(loss):
@@ -198,17 +199,15 @@ class EmbeddingDistillation(PreviousTaskTeacher):
             for module in self.model.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
-        batch_size = self.context.batch_size
-        for _ in range(self.finetune_epochs):
-            order = torch.randperm(len(self.memory), generator=self.rng, device=self.rng.device)
-            for first in range(0, len(order), batch_size):
-                batch = self.memory.batch(order[first : first + batch_size].to(self.memory.y.device))
-                loss = self.loss(batch)
-                self.model.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                self.after_step(freeze_old=everything and self.freeze_old)
-            if scheduler is not None:
-                scheduler.step()
+        self.run_stage(
+            self.memory,
+            self.loss,
+            optimizer,
+            self.finetune_epochs,
+            scheduler=scheduler,
+            after_step=lambda: self.after_step(freeze_old=everything and self.freeze_old),
+            name="class-balanced finetuning",
+        )
+        # the stage's optimizer clears only its own parameters' gradients: the frozen ones' go too
         self.model.zero_grad(set_to_none=True)
         self.model.train(was_training)
