@@ -111,3 +111,37 @@ def test_gdumb_resumes_exactly(tmp_path):
     # no stream batch is ever trained, so the run is stopped between tasks, after task 2's checkpoint
     resumed = assert_resumes_exactly(tmp_path, ["strategy=gdumb", "epochs=2"], fault="task_end:2:SIGTERM")
     assert resumed["run"]["status"] == "finished"
+
+
+def test_first_initial_weights_restore_the_weights_the_run_started_with(tmp_path):
+    """initial_weights=first (Avalanche's GDumbPlugin): every retraining starts from the run's first weights,
+    the head's rows as first drawn; fresh draws new ones."""
+    from incr_cli.engine import Run
+
+    cfg = compose_config(["strategy=gdumb", "strategy.initial_weights=first", "epochs=1", "hardware=cpu"])
+    run = Run(cfg, tmp_path, {"strategy": "gdumb", "dataset": "digits", "model": "mlp"})
+    start = {k: v.clone() for k, v in run.model.backbone.state_dict().items()}
+    head = run.model.head
+    first_rows = head.future_weight[:4].clone()
+    run.model.head.grow(4)
+    gdumb = run.strategy
+    with torch.no_grad():
+        for parameter in run.model.parameters():
+            parameter.add_(1.0)  # weights that training would have left
+    gdumb.reinitialise()
+    for key, value in start.items():
+        assert torch.equal(run.model.backbone.state_dict()[key], value), key
+    assert torch.equal(head.weight, first_rows)
+    fresh = compose_config(["strategy=gdumb", "epochs=1", "hardware=cpu"])
+    (tmp_path / "fresh").mkdir()
+    other = Run(fresh, tmp_path / "fresh", {"strategy": "gdumb", "dataset": "digits", "model": "mlp"})
+    before = other.model.backbone.layers[1].weight.clone()
+    other.strategy.reinitialise()
+    assert not torch.equal(other.model.backbone.layers[1].weight, before)
+
+
+def test_gdumb_with_first_weights_resumes_exactly(tmp_path):
+    resumed = assert_resumes_exactly(
+        tmp_path, ["strategy=gdumb", "strategy.initial_weights=first", "epochs=2"], fault="task_end:2:SIGTERM"
+    )
+    assert resumed["run"]["status"] == "finished"

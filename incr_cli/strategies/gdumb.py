@@ -13,6 +13,8 @@ from incr_cli.data.stream import Task
 from incr_cli.memory import Memory
 from incr_cli.strategies.base import Strategy
 
+INITIAL_WEIGHTS = ("fresh", "first")
+
 
 class GreedyClassBalancedMemory(Memory):
     """GDumb's sampler (Prabhu et al. 2020, Sec. 3): samples are offered one at a time. With k the memory
@@ -75,8 +77,9 @@ class GDumb(Strategy):
     depends only on the memory (and the random draws), never on the weights learned before.
 
     Defaults: memory 200 (digits stream) / 500 (Split Fashion-MNIST); the run's optimizer, batch and epochs,
-    as Avalanche's GDumb (the Split Fashion-MNIST reference), which however restores the same initial weights
-    before every task where this draws new ones. Left out: the paper's long-schedule recipe, which Mammoth's
+    as Avalanche's GDumb (the Split Fashion-MNIST reference). `initial_weights`: `fresh` (default) draws new
+    weights before every retraining, "from scratch" as the paper says; `first` restores the weights the
+    network started the run with (each class's head row as first drawn), as Avalanche's GDumbPlugin does. Left out: the paper's long-schedule recipe, which Mammoth's
     defaults give as SGD from lr 0.05 with a warm-up epoch and cosine annealing with warm restarts down to
     0.0005, cutmix (alpha 1) and 256 epochs; `epochs`, `batch_size` and the run's optimizer are the knobs that
     remain. The memory training steps through the step runner (`Strategy.run_stage`): the run's precision and
@@ -85,14 +88,27 @@ class GDumb(Strategy):
     Mammoth's `gdumb` fills a reservoir memory instead and trains only after the last task."""
 
     def __init__(
-        self, memory: GreedyClassBalancedMemory, epochs: int | None = None, batch_size: int | None = None
+        self,
+        memory: GreedyClassBalancedMemory,
+        epochs: int | None = None,
+        batch_size: int | None = None,
+        initial_weights: str = "fresh",
     ):
+        if initial_weights not in INITIAL_WEIGHTS:
+            raise ValueError(f"strategy.initial_weights={initial_weights!r}; valid: {', '.join(INITIAL_WEIGHTS)}")
         if epochs is not None and epochs < 1:
             raise ValueError(f"strategy.epochs={epochs} must be a positive integer or null")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"strategy.batch_size={batch_size} must be a positive integer or null")
         self.memory = memory
         self.epochs, self.batch_size = epochs, batch_size
+        self.initial_weights = initial_weights
+        self.first_backbone: dict[str, Tensor] | None = None  # initial_weights=first: the backbone as it started
+
+    def setup(self, context) -> None:
+        super().setup(context)
+        if self.initial_weights == "first":  # GDumb never trains on the stream: these are the initial weights
+            self.first_backbone = {k: v.detach().clone() for k, v in self.model.backbone.state_dict().items()}
 
     def training_indices(self, task: Task) -> Tensor:
         return task.train_index[:0]
@@ -105,8 +121,15 @@ class GDumb(Strategy):
         self.fit_memory(f"task {task.id + 1}, memory training")
 
     def reinitialise(self) -> None:
-        """Fresh weights for every module, drawn from torch's global generator."""
+        """Fresh weights for every module, drawn from torch's global generator; with initial_weights=first,
+        the backbone's first weights and the head rows as first drawn (the head keeps them as `future_*`)."""
         head = self.model.head
+        if self.first_backbone is not None:
+            self.model.backbone.load_state_dict(self.first_backbone)
+            with torch.no_grad():
+                head.weight.copy_(head.future_weight[: head.n_classes])
+                head.bias.copy_(head.future_bias[: head.n_classes])
+            return
         for module in self.model.modules():
             if module is head:
                 reset_linear(head.weight, head.bias)
@@ -125,6 +148,18 @@ class GDumb(Strategy):
 
         epochs = self.epochs or self.context.epochs
         self.run_stage(self.memory, memory_loss, optimizer, epochs, batch_size=self.batch_size, name=name)
+
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.first_backbone is not None:
+            state["first_backbone"] = self.first_backbone
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if "first_backbone" in state:
+            self.first_backbone = state["first_backbone"]
 
 
 @torch.no_grad()
