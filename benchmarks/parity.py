@@ -225,6 +225,15 @@ METHODS = {
         notes="as der; and Avalanche's MSE and CE terms share one memory batch, incr draws two (the paper).",
     ),  # fmt: skip
     "gdumb": Method("gdumb", [f"strategy.memory.size={MEMORY}"], "GDumb", {"mem_size": MEMORY}),
+    # incr's GDumb restarting each retraining from the run's first weights, as Avalanche's GDumbPlugin does
+    "gdumb_first_weights": Method(
+        "gdumb",
+        [f"strategy.memory.size={MEMORY}", "strategy.initial_weights=first"],
+        "GDumb",
+        {"mem_size": MEMORY},
+        notes="incr with initial_weights=first: every retraining starts from the run's first weights, as "
+        "Avalanche's (incr's default draws new weights each time).",
+    ),
     "bic": Method(
         "bic",
         BIC_OVERRIDES,
