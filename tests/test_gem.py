@@ -16,9 +16,9 @@ from incr_cli.cli import main
 from incr_cli.data.batches import Batch
 from incr_cli.engine import Run
 from incr_cli.step import Hardware, StepRunner
-from incr_cli.strategies import gradients
 from incr_cli.strategies.agem import agem_projection
 from incr_cli.strategies.base import Strategy
+from incr_cli.strategies.common import gradients
 from incr_cli.strategies.gem import gem_projection
 
 

@@ -5,14 +5,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from incr_cli.data.batches import Batch
 from incr_cli.data.stream import Task
 from incr_cli.memory import EpisodicMemory
-from incr_cli.strategies import gradients
-from incr_cli.strategies.base import Context, Strategy
+from incr_cli.strategies.common.projected_gradients import ProjectedGradients
 
 if TYPE_CHECKING:
     from incr_cli.step import StepRunner
@@ -28,7 +26,7 @@ def agem_projection(gradient: Tensor, reference: Tensor) -> Tensor:
     return gradient - (dot / (reference @ reference)) * reference
 
 
-class AGEM(Strategy):
+class AGEM(ProjectedGradients):
     """Averaged Gradient Episodic Memory (Chaudhry, Ranzato, Rohrbach and Elhoseiny 2019, "Efficient
     Lifelong Learning with A-GEM", Sec. 4).
 
@@ -52,44 +50,24 @@ class AGEM(Strategy):
     (Avalanche's A-GEM with patterns_per_exp=100, sample_size=256)."""
 
     def __init__(self, patterns_per_task: int = 100, sample_size: int = 256):
-        if patterns_per_task < 1:
-            raise ValueError(f"patterns_per_task must be at least 1, got {patterns_per_task}")
         if sample_size < 1:
             raise ValueError(f"sample_size must be at least 1, got {sample_size}")
-        self.patterns_per_task = patterns_per_task
+        super().__init__(patterns_per_task)
         self.sample_size = sample_size
-
-    def setup(self, context: Context) -> None:
-        super().setup(context)
-        self.memory = EpisodicMemory(self.patterns_per_task * len(self.stream.tasks))
 
     def training_step(self, batch: Batch, runner: StepRunner) -> Tensor:
         if not len(self.memory):
             return super().training_step(batch, runner)
-        parameters = gradients.trainable(self.model)
-        with runner.autocast():
-            loss = self.loss(batch)
-        current = gradients.gradient_of(loss, parameters, runner)
-        if current is None:
-            return loss.detach()
-        # the whole memory while it holds fewer than sample_size samples (Memory.draw would repeat some)
-        order = torch.randperm(len(self.memory), generator=self.rng, device=self.rng.device)
-        sample = self.memory.batch(order[: self.sample_size].to(self.memory.y.device))
-        with runner.autocast():
-            memory_loss = F.cross_entropy(self.logits(sample), sample.y)
-        reference = gradients.gradient_of(memory_loss, parameters, runner)
-        if reference is None:
-            return loss.detach()
-        # One non-finite value in g or in g_ref makes their dot product non-finite.
-        if torch.isfinite(current @ reference):
-            update = agem_projection(current, reference)
-        else:
-            # A float16 overflow in one of the scaled backward passes: hand the GradScaler a non-finite
-            # gradient, so that it skips this step and lowers the scale as for an overflow of the loss.
-            update = current + reference
-        gradients.write(parameters, update)
-        runner.step()
-        return loss.detach()
+
+        def memory_sample() -> list[Batch]:
+            # the whole memory while it holds fewer than sample_size samples (Memory.draw would repeat some)
+            order = torch.randperm(len(self.memory), generator=self.rng, device=self.rng.device)
+            return [self.memory.batch(order[: self.sample_size].to(self.memory.y.device))]
+
+        def project(gradient: Tensor, reference: Tensor) -> Tensor:
+            return agem_projection(gradient, reference[0])
+
+        return self.projected_step(batch, runner, memory_sample, project)
 
     @property
     def memory_x(self) -> Tensor | None:

@@ -10,7 +10,7 @@ from torch import Tensor
 from incr_cli.data.stream import Task
 from incr_cli.memory import Memory
 from incr_cli.strategies.base import Context
-from incr_cli.strategies.exemplar_distillation import ExemplarDistillation
+from incr_cli.strategies.common.exemplar_distillation import ExemplarDistillation
 
 
 def fit_bias_correction(

@@ -9,7 +9,7 @@ from torch import Tensor
 from incr_cli.data.batches import Batch
 from incr_cli.data.stream import Task
 from incr_cli.memory import Memory
-from incr_cli.strategies.growing import GrowingNetwork
+from incr_cli.strategies.common.growing import GrowingNetwork
 from incr_cli.strategies.wa import align_weights
 
 BIAS_CORRECTIONS = ("weight_align", "classifier_relearn", "none")

@@ -11,7 +11,7 @@ from torch.func import functional_call, grad, vmap
 from incr_cli.data.batches import Batch
 from incr_cli.data.stream import Task
 from incr_cli.strategies.base import Strategy
-from incr_cli.strategies.importance_penalty import (
+from incr_cli.strategies.common.importance_penalty import (
     check_curvature_limit,
     importance_limit,
     pad_rows,

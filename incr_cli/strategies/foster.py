@@ -13,7 +13,7 @@ from incr_cli.data.stream import Task
 from incr_cli.memory import Memory
 from incr_cli.models.expandable import ExpandableBackbone
 from incr_cli.models.head import IncrementalClassifier
-from incr_cli.strategies.growing import GrowingNetwork
+from incr_cli.strategies.common.growing import GrowingNetwork
 from incr_cli.strategies.wa import align_weights
 
 

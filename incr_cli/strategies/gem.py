@@ -7,14 +7,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import quadprog
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from incr_cli.data.batches import Batch
 from incr_cli.data.stream import Task
 from incr_cli.memory import EpisodicMemory, RingBuffer
-from incr_cli.strategies import gradients
-from incr_cli.strategies.base import Context, Strategy
+from incr_cli.strategies.common import gradients
+from incr_cli.strategies.common.projected_gradients import ProjectedGradients
 
 if TYPE_CHECKING:
     from incr_cli.step import StepRunner
@@ -54,7 +53,7 @@ def gem_projection(
     return gradient + weights @ memory_gradients
 
 
-class GEM(Strategy):
+class GEM(ProjectedGradients):
     """Gradient Episodic Memory (Lopez-Paz and Ranzato 2017, "Gradient Episodic Memory for Continual
     Learning", Sec. 3).
 
@@ -82,18 +81,12 @@ class GEM(Strategy):
     Fashion-MNIST); patterns_per_task 100 (Split Fashion-MNIST; the authors used 256)."""
 
     def __init__(self, patterns_per_task: int = 100, memory_strength: float = 0.5):
-        if patterns_per_task < 1:
-            raise ValueError(f"patterns_per_task must be at least 1, got {patterns_per_task}")
         if memory_strength < 0:
             raise ValueError(f"memory_strength must be 0 or more, got {memory_strength}")
-        self.patterns_per_task = patterns_per_task
+        super().__init__(patterns_per_task)
         self.memory_strength = memory_strength
         self.recent = RingBuffer(patterns_per_task)  # the current task's last samples seen, its memory-to-be
         self.task_sizes: list[int] = []  # samples of each finished task in the memory, in task order
-
-    def setup(self, context: Context) -> None:
-        super().setup(context)
-        self.memory = EpisodicMemory(self.patterns_per_task * len(self.stream.tasks))
 
     @property
     def memory_x(self) -> list[Tensor]:
@@ -112,31 +105,15 @@ class GEM(Strategy):
         self.recent.add(batch.x, batch.y, self.rng)
         if not self.task_sizes:
             return super().training_step(batch, runner)
-        parameters = gradients.trainable(self.model)
-        with runner.autocast():
-            loss = self.loss(batch)
-        current = gradients.gradient_of(loss, parameters, runner)
-        if current is None:
-            return loss.detach()
-        past = []
-        for x, y in zip(self.memory_x, self.memory_y, strict=True):
-            with runner.autocast():
-                memory_loss = F.cross_entropy(self.logits(Batch(x, y)), y)
-            past.append(gradients.gradient_of(memory_loss, parameters, runner))
-            if past[-1] is None:
-                return loss.detach()
-        past = torch.stack(past)
-        # One non-finite value in g or in a g_k makes a dot product non-finite: a t-sized check.
-        if torch.isfinite(past @ current).all():
+
+        def past_tasks() -> list[Batch]:
+            return [Batch(x, y) for x, y in zip(self.memory_x, self.memory_y, strict=True)]
+
+        def project(gradient: Tensor, memory_gradients: Tensor) -> Tensor:
             scale = gradients.loss_scale(runner)
-            update = gem_projection(current, past, self.memory_strength, loss_scale=scale)
-        else:
-            # A float16 overflow in one of the scaled backward passes: hand the GradScaler a non-finite
-            # gradient, so that it skips this step and lowers the scale as for an overflow of the loss.
-            update = current + past.sum(0)
-        gradients.write(parameters, update)
-        runner.step()
-        return loss.detach()
+            return gem_projection(gradient, memory_gradients, self.memory_strength, loss_scale=scale)
+
+        return self.projected_step(batch, runner, past_tasks, project)
 
     def after_task(self, task: Task) -> None:
         if not len(self.recent):

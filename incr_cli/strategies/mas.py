@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from incr_cli.data.stream import Task
-from incr_cli.strategies.importance_penalty import ImportancePenalty, pad_rows, report_stiffness
+from incr_cli.strategies.common.importance_penalty import ImportancePenalty, pad_rows, report_stiffness
 
 
 class MemoryAwareSynapses(ImportancePenalty):

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from incr_cli.data.batches import Batch
 from incr_cli.data.stream import Task
-from incr_cli.strategies.importance_penalty import ImportancePenalty, pad_rows, report_stiffness
+from incr_cli.strategies.common.importance_penalty import ImportancePenalty, pad_rows, report_stiffness
 
 if TYPE_CHECKING:
     from incr_cli.step import StepRunner

@@ -11,7 +11,7 @@ from torch import Tensor
 from incr_cli.data.batches import Batch
 from incr_cli.data.stream import Task
 from incr_cli.memory import Memory
-from incr_cli.strategies.exemplar_distillation import ExemplarDistillation
+from incr_cli.strategies.common.exemplar_distillation import ExemplarDistillation
 
 if TYPE_CHECKING:
     from incr_cli.step import StepRunner
