@@ -41,8 +41,9 @@ def job_overrides(argv: list[str]) -> list[list[str]] | None:
     sweeps = [o.input_line for o in parsed if o.is_sweep_override()]
     if sweeps and not args.multirun:
         raise ConfigError(f"{sweeps[0]} lists several values; add -m (--multirun) to run one job per value")
-    # Hydra's own settings (launcher, output folders) are checked by Hydra itself.
-    ours = [o for o in parsed if not o.get_key_element().lstrip("+~").startswith("hydra")]
+    # Hydra's own settings (launcher, output folders) are checked by Hydra itself; the search path stays, as it
+    # can add config groups' choices (a data set of the user's own).
+    ours = [o for o in parsed if o.get_key_element() == "hydra.searchpath" or not _hydra_key(o)]
     if not args.multirun:
         return [[o.input_line for o in ours]]
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -50,6 +51,10 @@ def job_overrides(argv: list[str]) -> list[list[str]] | None:
             "under torchrun (hardware=ddp) incr trains one run: drop -m and start one torchrun per run"
         )
     return [list(job) for job in itertools.product(*map(_values, ours))]
+
+
+def _hydra_key(override: Override) -> bool:
+    return override.get_key_element().lstrip("+~").startswith("hydra")
 
 
 def _arguments(argv: list[str]) -> argparse.Namespace:
