@@ -11,7 +11,8 @@ from conftest import RawPixels, assert_resumes_exactly, run_experiment, tiny_con
 
 from incr_cli.data.batches import Batch
 from incr_cli.models.head import IncrementalNet
-from incr_cli.strategies.lwf import LearningWithoutForgetting, distillation_loss
+from incr_cli.strategies.common.distillation import distillation_loss
+from incr_cli.strategies.lwf import LearningWithoutForgetting
 
 
 def test_distillation_loss_by_hand():

@@ -214,13 +214,16 @@ class Strategy:
         (None: the run's); per batch, `loss(batch)` on the raw samples (the loss applies the transform), under
         autocast, its scaled backward, `optimizer`'s step and then `after_step()` (skipped with a batch that
         the non-finite policy skips); `scheduler` steps after every epoch. `name` says where a non-finite loss
-        struck ("task 2, compression"). The optimizer's gradients are cleared before and after."""
+        struck ("task 2, compression"). The model's and the optimizer's gradients are cleared before and
+        after: a loss may reach parameters that the optimizer does not step, whose gradients would otherwise
+        reach the next task's first step."""
         batch_size = batch_size or self.context.batch_size
         position = {"epoch": 0, "step": 0}
         runner = self.stage_runner(
             optimizer, lambda: f"{name} epoch {position['epoch'] + 1}, step {position['step'] + 1}"
         )
         n_samples = len(samples)
+        self.model.zero_grad(set_to_none=True)
         runner.zero_grad()
         for epoch in range(epochs):
             position["epoch"] = epoch
@@ -240,6 +243,7 @@ class Strategy:
                         after_step()
             if scheduler is not None:
                 scheduler.step()
+        self.model.zero_grad(set_to_none=True)
         runner.zero_grad()
 
     def state_dict(self) -> dict:
