@@ -1,2 +1,2 @@
-"""What several methods share: their base classes and helpers, each in a module named for what it is. Every
-module of incr_cli/strategies outside this package is one method (or `base.py`, the contract)."""
+"""What several methods share: their base classes and helpers, each in a module named for what it is, apart
+from the methods' own modules in incr_cli/strategies."""
