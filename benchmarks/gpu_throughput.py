@@ -43,10 +43,21 @@ BATCH = 128
 
 def incr_images_per_second(method: str, hardware: str, args, out: Path) -> float:
     incr = ["incr"] if shutil.which("incr") else [sys.executable, "-m", "incr_cli"]
-    command = [*incr, "train", f"strategy={method}", *METHODS[method], "dataset=synthetic", "model=resnet18",
-               f"dataset.train_per_class={args.train_per_class}", f"dataset.test_per_class={args.test_per_class}",
-               f"hardware={hardware}", "epochs=1",
-               f"batch_size={BATCH}", "progress=false", f"hydra.run.dir={out}"]  # fmt: skip
+    command = [
+        *incr,
+        "train",
+        f"strategy={method}",
+        *METHODS[method],
+        "dataset=synthetic",
+        "model=resnet18",
+        f"dataset.train_per_class={args.train_per_class}",
+        f"dataset.test_per_class={args.test_per_class}",
+        f"hardware={hardware}",
+        "epochs=1",
+        f"batch_size={BATCH}",
+        "progress=false",
+        f"hydra.run.dir={out}",
+    ]
     if args.device == "cpu":
         command.append("hardware.device=cpu")
     subprocess.run(command, check=True, capture_output=True)
@@ -113,11 +124,17 @@ def _elapsed(started, device: torch.device) -> float:
 
 
 def render(rows: list[tuple[str, str, float]], command: str, device_name: str) -> str:
-    lines = [BEGIN, "## GPU throughput, ResNet-18 on CIFAR-shaped data", "",
-             f"Produced by `{command}` on {datetime.date.today()}; device: {device_name}, torch {torch.__version__}.",
-             "Images/s of training over tasks 2-5 (task 1 carries the warm-up), one epoch per task, batch 128,",
-             "ResNet-18 on `dataset=synthetic` (generated CIFAR-shaped data), crop + flip on the device.", "",
-             "| method | hardware | images/s |", "|---|---|---|"]  # fmt: skip
+    lines = [
+        BEGIN,
+        "## GPU throughput, ResNet-18 on CIFAR-shaped data",
+        "",
+        f"Produced by `{command}` on {datetime.date.today()}; device: {device_name}, torch {torch.__version__}.",
+        "Images/s of training over tasks 2-5 (task 1 carries the warm-up), one epoch per task, batch 128,",
+        "ResNet-18 on `dataset=synthetic` (generated CIFAR-shaped data), crop + flip on the device.",
+        "",
+        "| method | hardware | images/s |",
+        "|---|---|---|",
+    ]
     lines += [f"| {method} | {hardware} | {speed:,.0f} |" for method, hardware, speed in rows]
     return "\n".join([*lines, "", END])
 

@@ -79,7 +79,7 @@ PROTOCOLS = {
             f"dataset.augment.crop_padding={CROP_PADDING}",
             "dataset.augment.horizontal_flip=true",
             "epochs=5",
-        ],  # fmt: skip
+        ],
     ),
 }
 INCR_COMMON = [
@@ -103,7 +103,9 @@ class Method:
         "growing"  # Avalanche's head: growing (IncrementalClassifier, masked) | full (Linear over 10 classes)
     )
     notes: str = ""  # what still differs with these settings
-    avalanche_training_set: str = "own"  # own | joined: BiC's exemplars joined to the task's set (the paper's)
+    avalanche_training_set: str = (
+        "own"  # own | joined: BiC's exemplars joined to the task's set (the paper's)
+    )
 
 
 MEMORY = 500
@@ -111,8 +113,12 @@ MEMORY = 500
 # regulariser caps its penalty's curvature.
 BATCH_FISHER = ["strategy.fisher=batch", "strategy.fisher_labels=empirical"]
 UNCAPPED = "strategy.curvature_limit=none"
-BIC_OVERRIDES = [f"strategy.memory.size={MEMORY}", "strategy.val_fraction=0.1", "strategy.temperature=2",
-                 "strategy.bias_epochs=200"]  # fmt: skip
+BIC_OVERRIDES = [
+    f"strategy.memory.size={MEMORY}",
+    "strategy.val_fraction=0.1",
+    "strategy.temperature=2",
+    "strategy.bias_epochs=200",
+]
 BIC_KWARGS = {"mem_size": MEMORY, "val_percentage": 0.1, "T": 2, "stage_2_epochs": 200, "lamb": -1, "lr": 0.1}
 METHODS = {
     "finetune": Method("finetune", [], "Naive", {}),
@@ -124,7 +130,7 @@ METHODS = {
         notes="Avalanche's JointTraining trains once on all five tasks' data (one accuracy row, forgetting 0); "
         "incr's joint is cumulative: at task k all data of tasks 1..k, three times the samples. Compare the final "
         "accuracy, not the time; the `cumulative` row is the like-for-like pair.",
-    ),  # fmt: skip
+    ),
     "cumulative": Method(
         "joint", [], "Cumulative", {}, notes="incr's joint and Avalanche's Cumulative: the same work."
     ),
@@ -135,7 +141,7 @@ METHODS = {
         {"mem_size": MEMORY},
         notes="memory: incr reservoir over all samples seen; Avalanche an equal share per task (random within "
         "a task). Both replay a batch as large as the training batch.",
-    ),  # fmt: skip
+    ),
     "ewc": Method(
         # Avalanche's penalty is lambda * sum F (theta - theta*)^2, incr's (lambda / 2) * ...: incr's 2000 is
         # Avalanche's 1000 (the protocol's value, in Avalanche's convention).
@@ -144,21 +150,21 @@ METHODS = {
         "EWC",
         {"ewc_lambda": 1000, "mode": "separate"},
         notes="incr fisher=batch: Avalanche's batch-mean Fisher (squared gradient of each mini-batch's mean loss).",
-    ),  # fmt: skip
+    ),
     "online_ewc": Method(
         "online_ewc",
         ["strategy.ewc_lambda=2000", "strategy.gamma=0.9", *BATCH_FISHER, UNCAPPED],
         "EWC",
         {"ewc_lambda": 1000, "mode": "online", "decay_factor": 0.9},
         notes="F <- 0.9 F + F_new in both; lambda as EWC's.",
-    ),  # fmt: skip
+    ),
     "si": Method(
         # Avalanche's SI penalty carries lambda / 2, incr's c does not: si_lambda 2 is incr's c = 1.
         "si",
         ["strategy.c=1.0", "strategy.xi=0.001", UNCAPPED],
         "SynapticIntelligence",
         {"si_lambda": 2.0, "eps": 0.001},
-    ),  # fmt: skip
+    ),
     "mas": Method(
         "mas",
         ["strategy.mas_lambda=1.0", UNCAPPED],
@@ -166,14 +172,14 @@ METHODS = {
         {"lambda_reg": 1.0, "alpha": 0.5},
         notes="importance across tasks: incr sums the tasks' Omega (the paper); Avalanche keeps "
         "alpha * old + (1 - alpha) * new, alpha 0.5 (its default), which no incr setting reproduces.",
-    ),  # fmt: skip
+    ),
     "rwalk": Method(
         "rwalk",
         ["strategy.rwalk_lambda=10", "strategy.alpha=0.9", "strategy.update_every=10", UNCAPPED],
         "Naive+RWalkPlugin",
         {"ewc_lambda": 10, "ewc_alpha": 0.9, "delta_t": 10},
         notes="the score's damping: incr epsilon 1e-3 (the authors'); Avalanche float32's machine epsilon, fixed.",
-    ),  # fmt: skip
+    ),
     "lwf": Method(
         "lwf", ["strategy.alpha=1", "strategy.temperature=2"], "LwF", {"alpha": 1.0, "temperature": 2.0}
     ),
@@ -185,7 +191,7 @@ METHODS = {
         head="full",
         notes="Avalanche's iCaRL needs a fixed classifier over all 10 classes (its sigmoid targets span them); "
         "incr's head grows with the classes.",
-    ),  # fmt: skip
+    ),
     # incr's iCaRL with Avalanche's class means over mirror images too: measures what that choice is worth
     "icarl_flip_means": Method(
         "icarl",
@@ -194,19 +200,19 @@ METHODS = {
         {"memory_size": MEMORY, "fixed_memory": True},
         head="full",
         notes="incr with flip_means=always, Avalanche's class means (which average each exemplar with its mirror image).",
-    ),  # fmt: skip
+    ),
     "gem": Method(
         "gem",
         ["strategy.patterns_per_task=100", "strategy.memory_strength=0.5"],
         "GEM",
         {"patterns_per_exp": 100, "memory_strength": 0.5},
-    ),  # fmt: skip
+    ),
     "agem": Method(
         "agem",
         ["strategy.patterns_per_task=100", "strategy.sample_size=256"],
         "AGEM",
         {"patterns_per_exp": 100, "sample_size": 256},
-    ),  # fmt: skip
+    ),
     "der": Method(
         "der",
         [f"strategy.memory.size={MEMORY}", "strategy.alpha=0.3", "strategy.beta=0", "strategy.head=full"],
@@ -215,7 +221,7 @@ METHODS = {
         head="full",
         notes="memory: incr reservoir, offered every batch (the paper); Avalanche class-balanced, filled and its "
         "logits recorded at each task's end.",
-    ),  # fmt: skip
+    ),
     "derpp": Method(
         "derpp",
         [f"strategy.memory.size={MEMORY}", "strategy.alpha=0.1", "strategy.beta=0.5", "strategy.head=full"],
@@ -223,7 +229,7 @@ METHODS = {
         {"mem_size": MEMORY, "alpha": 0.1, "beta": 0.5, "batch_size_mem": BATCH_SIZE},
         head="full",
         notes="as der; and Avalanche's MSE and CE terms share one memory batch, incr draws two (the paper).",
-    ),  # fmt: skip
+    ),
     "gdumb": Method("gdumb", [f"strategy.memory.size={MEMORY}"], "GDumb", {"mem_size": MEMORY}),
     # incr's GDumb restarting each retraining from the run's first weights, as Avalanche's GDumbPlugin does
     "gdumb_first_weights": Method(
@@ -244,7 +250,7 @@ METHODS = {
         "it on samples set aside when their class arrives (the authors'); incr with full-batch Adam at 0.01, Avalanche "
         "with SGD at 0.1. Exemplars: incr herding, Avalanche random per class. Avalanche's distillation takes the "
         "softmax of the old logits over the batch (dim 0), not over the classes.",
-    ),  # fmt: skip
+    ),
     "bic_joined_set": Method(
         "bic",
         BIC_OVERRIDES,
@@ -253,7 +259,7 @@ METHODS = {
         avalanche_training_set="joined",
         notes="Avalanche's BiC with its exemplars joined to the task's training set, each sample once per epoch (the "
         "paper's and incr's), instead of its ReplayDataLoader's batches of 128 new plus 128 memory samples.",
-    ),  # fmt: skip
+    ),
     "er_ace": Method(
         "er_ace",
         # Avalanche's ER-ACE scores with the model's own linear head over the classes seen so far
@@ -267,7 +273,7 @@ METHODS = {
         {"mem_size": MEMORY, "batch_size_mem": BATCH_SIZE},
         notes="memory: Avalanche's class-balanced buffer is refreshed at each task's start (the new task's "
         "samples included); incr's fills batch by batch.",
-    ),  # fmt: skip
+    ),
 }
 # Left out: mer (incr: s x k Reptile steps per batch, Riemer et al.'s Algorithm 1; Avalanche's MER has other knobs,
 # n_inner_steps and one gamma/beta pair, so no setting-for-setting match) and the methods Avalanche lacks (xder,
@@ -278,10 +284,16 @@ METHODS = {
 def convnet_features() -> nn.Module:
     """incr's ConvNet (incr_cli/models/convnet.py) without its head, layer for layer."""
     return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(64 * 7 * 7, 256), nn.ReLU(inplace=True),
-    )  # fmt: skip
+        nn.Conv2d(1, 32, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * 7 * 7, 256),
+        nn.ReLU(inplace=True),
+    )
 
 
 def mlp_features() -> nn.Module:
@@ -310,7 +322,9 @@ def joined_training_set(plugin, strategy, **kwargs) -> None:
             parameter.requires_grad = False
     if len(plugin.storage_policy.buffer):
         joined = concat_datasets([strategy.adapted_dataset, plugin.storage_policy.buffer])
-        strategy.dataloader = torch.utils.data.DataLoader(joined, batch_size=strategy.train_mb_size, shuffle=True)
+        strategy.dataloader = torch.utils.data.DataLoader(
+            joined, batch_size=strategy.train_mb_size, shuffle=True
+        )
 
 
 def avalanche_run(
@@ -357,9 +371,16 @@ def avalanche_run(
     augment = [transforms.RandomCrop(28, padding=CROP_PADDING), transforms.RandomHorizontalFlip()]
     train_transform = transforms.Compose((augment if protocol.augment else []) + normalise)
     started = time.perf_counter()
-    benchmark = nc_benchmark(Images("train"), Images("t10k"), n_experiences=N_TASKS, task_labels=False, seed=seed,
-                             fixed_class_order=list(range(10)), train_transform=train_transform,
-                             eval_transform=transforms.Compose(normalise))  # fmt: skip
+    benchmark = nc_benchmark(
+        Images("train"),
+        Images("t10k"),
+        n_experiences=N_TASKS,
+        task_labels=False,
+        seed=seed,
+        fixed_class_order=list(range(10)),
+        train_transform=train_transform,
+        eval_transform=transforms.Compose(normalise),
+    )
 
     features = mlp_features() if protocol.model == "mlp" else convnet_features()
     width = 400 if protocol.model == "mlp" else 256
@@ -378,8 +399,14 @@ def avalanche_run(
         def before_training_exp(self, strategy, **kwargs):
             strategy.optimizer.state.clear()
 
-    common = dict(optimizer=optimizer, train_mb_size=BATCH_SIZE, train_epochs=epochs, eval_mb_size=EVAL_BATCH_SIZE,
-                  device="cpu", evaluator=EvaluationPlugin(accuracy_metrics(experience=True), loggers=[]))  # fmt: skip
+    common = dict(
+        optimizer=optimizer,
+        train_mb_size=BATCH_SIZE,
+        train_epochs=epochs,
+        eval_mb_size=EVAL_BATCH_SIZE,
+        device="cpu",
+        evaluator=EvaluationPlugin(accuracy_metrics(experience=True), loggers=[]),
+    )
     plugins = [FreshOptimizer()]
     kwargs = dict(method.kwargs)
     name = method.avalanche
@@ -396,11 +423,18 @@ def avalanche_run(
             bic_plugin.BiCPlugin.before_training_exp = joined_training_set
     if name == "ICaRL":
         buffer_transform = transforms.Compose(augment) if protocol.augment else None
-        strategy = supervised.ICaRL(feature_extractor=features, classifier=classifier, buffer_transform=buffer_transform,
-                                    plugins=plugins, **common, **kwargs)  # fmt: skip
+        strategy = supervised.ICaRL(
+            feature_extractor=features,
+            classifier=classifier,
+            buffer_transform=buffer_transform,
+            plugins=plugins,
+            **common,
+            **kwargs,
+        )
     else:
-        strategy = getattr(supervised, name)(model=model, criterion=nn.CrossEntropyLoss(), plugins=plugins,
-                                             **common, **kwargs)  # fmt: skip
+        strategy = getattr(supervised, name)(
+            model=model, criterion=nn.CrossEntropyLoss(), plugins=plugins, **common, **kwargs
+        )
 
     def evaluate() -> list[float]:
         results = strategy.eval(benchmark.test_stream)
@@ -419,8 +453,12 @@ def avalanche_run(
             strategy.train(experience)
             train_seconds += time.perf_counter() - tick
             matrix.append(evaluate())
-    return {"accuracy_matrix": matrix, "train_seconds": train_seconds, "run_seconds": time.perf_counter() - loaded,
-            "setup_seconds": loaded - started}  # fmt: skip
+    return {
+        "accuracy_matrix": matrix,
+        "train_seconds": train_seconds,
+        "run_seconds": time.perf_counter() - loaded,
+        "setup_seconds": loaded - started,
+    }
 
 
 # ----------------------------------------------------------------------------------------------- incr side
@@ -429,8 +467,18 @@ def incr_command(
 ) -> list[str]:
     incr = ["incr"] if shutil.which("incr") else [sys.executable, "-m", "incr_cli"]
     epochs_override = [] if epochs is None else [f"epochs={epochs}"]
-    return [*incr, "train", INCR_COMMON[0], f"strategy={method.incr}", *method.overrides, *protocol.incr,
-            *epochs_override, f"seed={seed}", *INCR_COMMON[1:], f"hydra.run.dir={run_dir}"]  # fmt: skip
+    return [
+        *incr,
+        "train",
+        INCR_COMMON[0],
+        f"strategy={method.incr}",
+        *method.overrides,
+        *protocol.incr,
+        *epochs_override,
+        f"seed={seed}",
+        *INCR_COMMON[1:],
+        f"hydra.run.dir={run_dir}",
+    ]
 
 
 # ----------------------------------------------------------------------------------------------- the runs
@@ -455,9 +503,23 @@ def run_one(
     if tool == "incr":
         command = incr_command(method, protocol, seed, epochs, run_dir)
     else:
-        command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--methods", method_name, "--protocol",
-                   protocol_name, "--seeds", str(seed), "--epochs", str(run_epochs), "--data", str(data),
-                   "--out", str(run_dir)]  # fmt: skip
+        command = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--worker",
+            "--methods",
+            method_name,
+            "--protocol",
+            protocol_name,
+            "--seeds",
+            str(seed),
+            "--epochs",
+            str(run_epochs),
+            "--data",
+            str(data),
+            "--out",
+            str(run_dir),
+        ]
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "log.txt"
     environment = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS))
@@ -472,19 +534,30 @@ def run_one(
         )
     if tool == "incr":
         metrics = json.loads((run_dir / "metrics.json").read_text())
-        result = {"accuracy_matrix": metrics["class_il"]["accuracy_matrix"],
-                  "train_seconds": sum(task["train_seconds"] for task in metrics["per_task"]),
-                  "run_seconds": metrics["wall_seconds"]}  # fmt: skip
+        result = {
+            "accuracy_matrix": metrics["class_il"]["accuracy_matrix"],
+            "train_seconds": sum(task["train_seconds"] for task in metrics["per_task"]),
+            "run_seconds": metrics["wall_seconds"],
+        }
     else:
         result = json.loads((run_dir / "result.json").read_text())
     matrix = result["accuracy_matrix"]
     record = {
-        "tool": tool, "method": method_name, "protocol": protocol_name, "seed": seed, "epochs": run_epochs,
-        "incr_strategy": method.incr, "avalanche_strategy": method.avalanche,
-        "accuracy_matrix": matrix, "final_average_accuracy": statistics.mean(matrix[-1]),
-        "forgetting": forgetting(matrix), "train_seconds": result["train_seconds"],
-        "run_seconds": result["run_seconds"], "total_seconds": total, "command": shlex.join(command),
-    }  # fmt: skip
+        "tool": tool,
+        "method": method_name,
+        "protocol": protocol_name,
+        "seed": seed,
+        "epochs": run_epochs,
+        "incr_strategy": method.incr,
+        "avalanche_strategy": method.avalanche,
+        "accuracy_matrix": matrix,
+        "final_average_accuracy": statistics.mean(matrix[-1]),
+        "forgetting": forgetting(matrix),
+        "train_seconds": result["train_seconds"],
+        "run_seconds": result["run_seconds"],
+        "total_seconds": total,
+        "command": shlex.join(command),
+    }
     record_path.write_text(json.dumps(record, indent=1))
     return record
 
@@ -499,18 +572,30 @@ def render(records: list[dict], protocols: list[str], methods: list[str], comman
     lines = [f"Produced by `{command}` on {datetime.date.today().isoformat()}; {machine()}.", ""]
     for protocol_name in protocols:
         protocol = PROTOCOLS[protocol_name]
-        lines += [f"### {protocol.title}", "",
-                  "| method | incr (Avalanche's) | accuracy, incr | accuracy, Avalanche | difference (points) "
-                  "| forgetting, incr / Avalanche | time ratio (total) | time ratio (train) |",
-                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            f"### {protocol.title}",
+            "",
+            "| method | incr (Avalanche's) | accuracy, incr | accuracy, Avalanche | difference (points) "
+            "| forgetting, incr / Avalanche | time ratio (total) | time ratio (train) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for method_name in methods:
-            runs = {tool: [r for r in records if (r["tool"], r["protocol"], r["method"]) == (tool, protocol_name, method_name)]
-                    for tool in ("incr", "avalanche")}  # fmt: skip
+            runs = {
+                tool: [
+                    r
+                    for r in records
+                    if (r["tool"], r["protocol"], r["method"]) == (tool, protocol_name, method_name)
+                ]
+                for tool in ("incr", "avalanche")
+            }
             if not runs["incr"] or not runs["avalanche"]:
                 continue
             accuracy = {tool: [r["final_average_accuracy"] for r in rs] for tool, rs in runs.items()}
-            median = {(tool, key): statistics.median(r[key] for r in rs) for tool, rs in runs.items()
-                      for key in ("total_seconds", "train_seconds")}  # fmt: skip
+            median = {
+                (tool, key): statistics.median(r[key] for r in rs)
+                for tool, rs in runs.items()
+                for key in ("total_seconds", "train_seconds")
+            }
             difference = (statistics.mean(accuracy["incr"]) - statistics.mean(accuracy["avalanche"])) * 100
             forget = " / ".join(
                 f"{statistics.mean(r['forgetting'] for r in runs[t]):.3f}" for t in ("incr", "avalanche")
@@ -539,8 +624,14 @@ def render(records: list[dict], protocols: list[str], methods: list[str], comman
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or "unknown CPU")  # fmt: skip
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor() or "unknown CPU",
+    )
     try:
         from importlib.metadata import version
 
@@ -550,9 +641,11 @@ def machine() -> str:
     revision = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
     )
-    return (f"{len(os.sched_getaffinity(0))} CPU cores ({cpu}), torch {torch.__version__}, Avalanche {avalanche}, "
-            f"incr at git {revision.stdout.strip() or 'unknown'}, {THREADS} threads; 1-minute load average "
-            f"{os.getloadavg()[0]:.1f} at the end")  # fmt: skip
+    return (
+        f"{len(os.sched_getaffinity(0))} CPU cores ({cpu}), torch {torch.__version__}, Avalanche {avalanche}, "
+        f"incr at git {revision.stdout.strip() or 'unknown'}, {THREADS} threads; 1-minute load average "
+        f"{os.getloadavg()[0]:.1f} at the end"
+    )
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -563,17 +656,31 @@ def main() -> None:
         "--methods", default=",".join(METHODS), help=f"comma-separated, from: {','.join(METHODS)}"
     )
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs per task for both tools (smoke runs); "
-                        "default: the protocol's")  # fmt: skip
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="epochs per task for both tools (smoke runs); default: the protocol's",
+    )
     parser.add_argument("--data", type=Path, default=FASHION_MNIST, help="folder of the four IDX .gz files")
-    parser.add_argument("--out", type=Path, default=None, help="folder of the run records (default: "
-                        "outputs/benchmarks/parity/<date_time>/); finished runs found there are not run again")  # fmt: skip
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder of the run records (default: "
+        "outputs/benchmarks/parity/<date_time>/); finished runs found there are not run again",
+    )
     parser.add_argument(
         "--write", action="store_true", help="write the table into --table instead of printing it"
     )
     parser.add_argument("--table", type=Path, default=None, help="the markdown file --write writes")
-    parser.add_argument("--limit", type=int, default=None, help="check the Avalanche side only: every method "
-                        "on about LIMIT training samples, no incr runs, no table")  # fmt: skip
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="check the Avalanche side only: every method "
+        "on about LIMIT training samples, no incr runs, no table",
+    )
     parser.add_argument(
         "--worker", action="store_true", help=argparse.SUPPRESS
     )  # one Avalanche run, into --out
@@ -614,9 +721,12 @@ def main() -> None:
                 for tool in ("incr", "avalanche"):
                     record = run_one(tool, method_name, protocol_name, seed, args.epochs, out, args.data)
                     records.append(record)
-                    print(f"{protocol_name} {method_name} {tool} seed {seed}: accuracy "
-                          f"{record['final_average_accuracy']:.4f}, train {record['train_seconds']:.1f} s, "
-                          f"total {record['total_seconds']:.1f} s", flush=True)  # fmt: skip
+                    print(
+                        f"{protocol_name} {method_name} {tool} seed {seed}: accuracy "
+                        f"{record['final_average_accuracy']:.4f}, train {record['train_seconds']:.1f} s, "
+                        f"total {record['total_seconds']:.1f} s",
+                        flush=True,
+                    )
     (out / "results.json").write_text(json.dumps(records, indent=1))
     table = render(records, protocols, methods, command)
     if args.write:

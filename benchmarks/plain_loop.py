@@ -100,8 +100,12 @@ class ReservoirMemory:
 def evaluate(model: nn.Module, data: FashionMNIST, n_seen: int) -> list[float]:
     """Accuracy on each task's test samples, predicting among the classes seen so far."""
     model.eval()
-    predictions = torch.cat([model(data.test_x[first : first + EVAL_BATCH_SIZE])[:, :n_seen].argmax(1)
-                             for first in range(0, len(data.test_y), EVAL_BATCH_SIZE)])  # fmt: skip
+    predictions = torch.cat(
+        [
+            model(data.test_x[first : first + EVAL_BATCH_SIZE])[:, :n_seen].argmax(1)
+            for first in range(0, len(data.test_y), EVAL_BATCH_SIZE)
+        ]
+    )
     correct = (predictions == data.test_y).float()
     task_of_sample = data.test_y // CLASSES_PER_TASK
     model.train()
@@ -164,9 +168,11 @@ def main() -> None:
     for method in args.methods.split(","):
         results = [run(method, int(seed), data) for seed in args.seeds.split(",")]
         for r in results:
-            print(f"{method:8s} seed {r['seed']}: final average accuracy {r['final_average_accuracy']:.4f}, "
-                  f"train {r['train_seconds']:.2f} s, total {r['total_seconds']:.2f} s, "
-                  f"{r['samples_per_second']:.0f} samples/s")  # fmt: skip
+            print(
+                f"{method:8s} seed {r['seed']}: final average accuracy {r['final_average_accuracy']:.4f}, "
+                f"train {r['train_seconds']:.2f} s, total {r['total_seconds']:.2f} s, "
+                f"{r['samples_per_second']:.0f} samples/s"
+            )
         median = {k: statistics.median(r[k] for r in results) for k in ("train_seconds", "total_seconds")}
         print(
             f"{method:8s} median: train {median['train_seconds']:.2f} s, total {median['total_seconds']:.2f} s"

@@ -40,7 +40,10 @@ import plain_loop  # noqa: E402  (benchmarks/ is a folder of scripts, not a pack
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- split-fashion-mnist:begin -->", "<!-- split-fashion-mnist:end -->"  # this script owns only what lies between these
+BEGIN, END = (
+    "<!-- split-fashion-mnist:begin -->",
+    "<!-- split-fashion-mnist:end -->",
+)  # this script owns only what lies between these
 
 # Each method and the overrides it needs on top of the experiment; the memory size is the protocol's, not replay's
 # default. incr's strategy name -> the overrides that give the protocol's settings for that method.
@@ -129,8 +132,17 @@ class Row:
 # ----------------------------------------------------------------------------------------------- the runs
 def incr_command(method: str, seeds: list[int], sweep_dir: Path) -> list[str]:
     incr = ["incr"] if shutil.which("incr") else [sys.executable, "-m", "incr_cli"]
-    return [*incr, "train", "-m", COMMON[0], f"strategy={method}", *METHODS[method],
-            f"seed={','.join(map(str, seeds))}", *COMMON[1:], f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
+    return [
+        *incr,
+        "train",
+        "-m",
+        COMMON[0],
+        f"strategy={method}",
+        *METHODS[method],
+        f"seed={','.join(map(str, seeds))}",
+        *COMMON[1:],
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
 
 
 def run_incr(method: str, seeds: list[int], sweep_dir: Path) -> tuple[list[dict], float]:
@@ -217,11 +229,19 @@ def versus(here: str, reference: str | None) -> str:
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or "unknown CPU")  # fmt: skip
-    return (f"{len(os.sched_getaffinity(0))} CPU cores ({cpu}), torch {torch.__version__}, "
-            f"Python {platform.python_version()}, {platform.system()} {platform.release()}; 1-minute load average "
-            f"{os.getloadavg()[0]:.1f} at the end (above about 0.5: other work shared the cores)")  # fmt: skip
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor() or "unknown CPU",
+    )
+    return (
+        f"{len(os.sched_getaffinity(0))} CPU cores ({cpu}), torch {torch.__version__}, "
+        f"Python {platform.python_version()}, {platform.system()} {platform.release()}; 1-minute load average "
+        f"{os.getloadavg()[0]:.1f} at the end (above about 0.5: other work shared the cores)"
+    )
 
 
 def git_revision() -> str:
@@ -257,9 +277,11 @@ def render(rows: list[Row], command: str, incr_commands: list[str], seeds: list[
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        lines.append(f"| {row.name} | {mean_std(row.accuracies)} | {number(row.forgetting_max, 3)} "
-                     f"| {number(row.forgetting_avalanche, 3)} | {row.train_seconds:.1f} | {row.total_seconds:.1f} "
-                     f"| {number(row.process_seconds, 1)} | {row.samples_per_second:,.0f} | {row.peak_memory_mib:,.0f} |")  # fmt: skip
+        lines.append(
+            f"| {row.name} | {mean_std(row.accuracies)} | {number(row.forgetting_max, 3)} "
+            f"| {number(row.forgetting_avalanche, 3)} | {row.train_seconds:.1f} | {row.total_seconds:.1f} "
+            f"| {number(row.process_seconds, 1)} | {row.samples_per_second:,.0f} | {row.peak_memory_mib:,.0f} |"
+        )
     lines += [
         "",
         "Next to the reference (Avalanche 0.6.0, torch 2.14.1, measured 2026-11-22). Speed ratio: "
@@ -332,10 +354,21 @@ def main() -> None:
     parser.add_argument(
         "--methods", default=",".join(METHODS), help=f"comma-separated, from: {','.join(METHODS)}"
     )
-    parser.add_argument("--out", type=Path, default=None,
-                        help="where the incr sweeps go (default: outputs/benchmarks/split_fashion_mnist/<date_time>/)")  # fmt: skip
-    parser.add_argument("--write", nargs="?", type=Path, const=DOCS, default=None, metavar="PAGE",
-                        help=f"replace this benchmark's section of PAGE (default {DOCS.relative_to(REPO)}) instead of printing")  # fmt: skip
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="where the incr sweeps go (default: outputs/benchmarks/split_fashion_mnist/<date_time>/)",
+    )
+    parser.add_argument(
+        "--write",
+        nargs="?",
+        type=Path,
+        const=DOCS,
+        default=None,
+        metavar="PAGE",
+        help=f"replace this benchmark's section of PAGE (default {DOCS.relative_to(REPO)}) instead of printing",
+    )
     args = parser.parse_args()
     seeds = [int(seed) for seed in args.seeds.split(",")]
     methods = args.methods.split(",")
@@ -343,7 +376,11 @@ def main() -> None:
         parser.error(f"unknown method(s) {', '.join(sorted(unknown))}; valid: {', '.join(METHODS)}")
     out = (
         args.out
-        or REPO / "outputs" / "benchmarks" / "split_fashion_mnist" / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+        or REPO
+        / "outputs"
+        / "benchmarks"
+        / "split_fashion_mnist"
+        / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     ).resolve()
     command = shlex.join(["python", "benchmarks/split_fashion_mnist.py", *sys.argv[1:]])
 

@@ -35,8 +35,10 @@ def resume(argv: list[str]) -> int:
     from incr_cli.precheck import override_key
 
     if not argv or argv[0].startswith("-"):
-        print("usage: incr resume RUN_DIR [OVERRIDES]\n\ncontinue a killed or interrupted run from its last "
-              f"good checkpoint; OVERRIDES may only set: {', '.join(RESUME_MAY_CHANGE)}")  # fmt: skip
+        print(
+            "usage: incr resume RUN_DIR [OVERRIDES]\n\ncontinue a killed or interrupted run from its last "
+            f"good checkpoint; OVERRIDES may only set: {', '.join(RESUME_MAY_CHANGE)}"
+        )
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     run_dir, overrides = Path(argv[0]), argv[1:]
     saved = run_dir / ".hydra" / "overrides.yaml"

@@ -173,14 +173,20 @@ def check_config(cfg: DictConfig, *, check_data: bool = True) -> None:
     strategy = _check_builds("strategy", cfg.strategy)
     name = cfg.strategy._target_.rsplit(".", 1)[-1]
     if cfg.dataset.scenario not in strategy.scenarios:
-        raise ConfigError(f"{name} is not made for dataset.scenario={cfg.dataset.scenario}; its scenarios: "
-                          f"{', '.join(strategy.scenarios)}")  # fmt: skip
+        raise ConfigError(
+            f"{name} is not made for dataset.scenario={cfg.dataset.scenario}; its scenarios: "
+            f"{', '.join(strategy.scenarios)}"
+        )
     if cfg.train.online and not strategy.supports_online:
-        raise ConfigError(f"{name} does not learn online (train.online=true); strategies that do: "
-                          f"{', '.join(_strategies_with('supports_online'))}")  # fmt: skip
+        raise ConfigError(
+            f"{name} does not learn online (train.online=true); strategies that do: "
+            f"{', '.join(_strategies_with('supports_online'))}"
+        )
     if cfg.hardware.distributed and not getattr(strategy, "supports_distributed", False):
-        raise ConfigError(f"{name} does not run under hardware=ddp yet; strategies that do: "
-                          f"{', '.join(_strategies_with('supports_distributed'))}")  # fmt: skip
+        raise ConfigError(
+            f"{name} does not run under hardware=ddp yet; strategies that do: "
+            f"{', '.join(_strategies_with('supports_distributed'))}"
+        )
     if check_data and not from_files:
         check_available(cfg.dataset.name, cfg.data, cfg.dataset)
     else:
@@ -276,8 +282,13 @@ def check_recipe(cfg: DictConfig) -> None:
             return _build(optimizer[0])([parameter], **optimizer[1])
 
         _check_values("scheduler", target, values, SCHEDULER_VALUES)
-        _check_torch("scheduler", target, values, SCHEDULER_VALUES,
-                     lambda kwargs: _try_schedule(target, kwargs, make_optimizer(), epochs))  # fmt: skip
+        _check_torch(
+            "scheduler",
+            target,
+            values,
+            SCHEDULER_VALUES,
+            lambda kwargs: _try_schedule(target, kwargs, make_optimizer(), epochs),
+        )
 
 
 def _recipe_values(node: Any) -> tuple[str, dict] | None:
@@ -404,15 +415,21 @@ DOMAINS = ("permuted", "rotated", "folders")
 
 def _check_domains(dataset: DictConfig) -> None:
     if dataset.domains not in DOMAINS:
-        raise ConfigError(f"dataset.scenario=domain_il needs dataset.domains: one of {', '.join(DOMAINS)} "
-                          f"(got {dataset.domains})")  # fmt: skip
+        raise ConfigError(
+            f"dataset.scenario=domain_il needs dataset.domains: one of {', '.join(DOMAINS)} "
+            f"(got {dataset.domains})"
+        )
     if dataset.domains == "folders" and dataset.name != "image_folder":
-        raise ConfigError("dataset.domains=folders reads one image folder per domain: use dataset=image_folder "
-                          "with dataset.folder=<a folder of domain folders>")  # fmt: skip
+        raise ConfigError(
+            "dataset.domains=folders reads one image folder per domain: use dataset=image_folder "
+            "with dataset.folder=<a folder of domain folders>"
+        )
     angles = dataset.rotation_degrees
     if dataset.domains == "rotated" and angles is not None and len(angles) != dataset.n_tasks:
-        raise ConfigError(f"dataset.rotation_degrees lists {len(angles)} angles for {dataset.n_tasks} tasks; "
-                          "give one per task, or null for evenly spaced angles")  # fmt: skip
+        raise ConfigError(
+            f"dataset.rotation_degrees lists {len(angles)} angles for {dataset.n_tasks} tasks; "
+            "give one per task, or null for evenly spaced angles"
+        )
 
 
 def check_dataset_types(dataset: DictConfig) -> None:
@@ -476,8 +493,10 @@ def check_stream(dataset: DictConfig) -> None:
     for key in ("mean", "std"):
         if dataset[key] is None:  # dataset=image_folder computes it from the training images when loading
             if dataset.name != "image_folder":
-                raise ConfigError(f"dataset.{key}=null (computed from the training images) is for "
-                                  f"dataset=image_folder; give {dataset.name}'s values (one, or one per channel)")  # fmt: skip
+                raise ConfigError(
+                    f"dataset.{key}=null (computed from the training images) is for "
+                    f"dataset=image_folder; give {dataset.name}'s values (one, or one per channel)"
+                )
         elif len(dataset[key]) not in (1, channels):
             raise ConfigError(
                 f"dataset.{key}={list(dataset[key])} needs 1 or {channels} values (one per channel)"
@@ -505,8 +524,10 @@ def _check_hardware(hardware: DictConfig) -> None:
         from incr_cli.distributed import launched_by_torchrun
 
         if not launched_by_torchrun():
-            raise ConfigError("hardware=ddp runs under torchrun: torchrun --nproc_per_node=N -m incr_cli train "
-                              "hardware=ddp ... (or choose hardware=auto, cpu, gpu or amp)")  # fmt: skip
+            raise ConfigError(
+                "hardware=ddp runs under torchrun: torchrun --nproc_per_node=N -m incr_cli train "
+                "hardware=ddp ... (or choose hardware=auto, cpu, gpu or amp)"
+            )
     if hardware.device == "cuda":
         import torch
 

@@ -33,9 +33,14 @@ class TrainingProgress:
             yield self
             return
         self._progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[speed]}"), TimeElapsedColumn(), console=console, transient=True,
-        )  # fmt: skip
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[speed]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        )
         with self._progress:
             self._tasks = self._progress.add_task("tasks", total=n_tasks, speed="")
             self._epochs = self._progress.add_task("epochs", total=1, speed="")
@@ -98,10 +103,14 @@ def summary_table(metrics: dict) -> Table:
         return "-" if value is None else f"{value:.4f}"
 
     table.add_row(
-        show(shown["final_average_accuracy"]), show(shown["average_incremental_accuracy"]),
-        show(shown["average_forgetting"]), show(shown["bwt"]), show(metrics["task_il"]["fwt"]),
-        show(final.get("f1")), f"{metrics['wall_seconds']:.1f}",
-    )  # fmt: skip
+        show(shown["final_average_accuracy"]),
+        show(shown["average_incremental_accuracy"]),
+        show(shown["average_forgetting"]),
+        show(shown["bwt"]),
+        show(metrics["task_il"]["fwt"]),
+        show(final.get("f1")),
+        f"{metrics['wall_seconds']:.1f}",
+    )
     return table
 
 

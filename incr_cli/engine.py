@@ -129,10 +129,17 @@ class Run:
             self.loggers.close()
             return self.metrics
         estimate.warn_if_long_on_cpu(
-            self.model, self.stream, self.preprocess, self.make_optimizer, batch_size=self.cfg.batch_size,
-            epochs=self.epochs, next_task=self.position.task, done_steps=self.position.step,
-            autocast=self.hardware.autocast, compiled=self.cfg.hardware.compile,
-        )  # fmt: skip
+            self.model,
+            self.stream,
+            self.preprocess,
+            self.make_optimizer,
+            batch_size=self.cfg.batch_size,
+            epochs=self.epochs,
+            next_task=self.position.task,
+            done_steps=self.position.step,
+            autocast=self.hardware.autocast,
+            compiled=self.cfg.hardware.compile,
+        )
         if not self.metrics["class_il"]["initial_accuracy"]:
             class_il, task_il, _ = self.evaluate(n_seen=0)
             self.metrics["class_il"]["initial_accuracy"] = class_il
@@ -168,8 +175,13 @@ class Run:
         timing = results.task_timing(self.metrics, task.id)
         self.progress.start_task(task.id, self.epochs, task.id)
         names = [self.stream.class_names[c] for c in task.classes]
-        log.info("task %d/%d: classes %s, %d training samples",
-                 task.id + 1, len(self.stream.tasks), names, len(indices))  # fmt: skip
+        log.info(
+            "task %d/%d: classes %s, %d training samples",
+            task.id + 1,
+            len(self.stream.tasks),
+            names,
+            len(indices),
+        )
         runner = StepRunner(self.optimizer, self.scaler, self.hardware, cfg.train.on_nonfinite, self._where)
         task_loss = None
         self.model.train()
@@ -333,5 +345,8 @@ class Run:
         self.write_results()
         p = self.position
         # the command that continues is the caller's to add: one run's, or its whole sweep's
-        raise Interrupted(f"{self.signals.name} received: checkpoint saved at task {p.task + 1}, epoch "
-                          f"{p.epoch + 1}, batch {p.batch}", self.signals.received)  # fmt: skip
+        raise Interrupted(
+            f"{self.signals.name} received: checkpoint saved at task {p.task + 1}, epoch "
+            f"{p.epoch + 1}, batch {p.batch}",
+            self.signals.received,
+        )

@@ -42,12 +42,17 @@ def long_run_warning(step_seconds: float, steps: int, epochs: int) -> str | None
     seconds = step_seconds * steps
     if seconds <= WARN_SECONDS:
         return None
-    shorter = (f"for a quick look try epochs=1 or debug=quick (about {duration(seconds / epochs)}); the full recipe "
-               "is meant for a GPU (hardware=gpu)" if epochs > 1 else
-               "a GPU (hardware=gpu), a smaller model or fewer tasks would shorten it")  # fmt: skip
-    return (f"training on the CPU will take at least {duration(seconds)}: {steps} steps at {step_seconds * 1000:.0f} ms "
-            "each, measured on this machine (a method's extra passes, such as replayed samples, distillation or a "
-            f"second training stage, come on top); {shorter}")  # fmt: skip
+    shorter = (
+        f"for a quick look try epochs=1 or debug=quick (about {duration(seconds / epochs)}); the full recipe "
+        "is meant for a GPU (hardware=gpu)"
+        if epochs > 1
+        else "a GPU (hardware=gpu), a smaller model or fewer tasks would shorten it"
+    )
+    return (
+        f"training on the CPU will take at least {duration(seconds)}: {steps} steps at {step_seconds * 1000:.0f} ms "
+        "each, measured on this machine (a method's extra passes, such as replayed samples, distillation or a "
+        f"second training stage, come on top); {shorter}"
+    )
 
 
 def step_seconds(
@@ -83,9 +88,19 @@ def step_seconds(
     return statistics.median(times)
 
 
-def warn_if_long_on_cpu(model, stream, preprocess, make_optimizer, *, batch_size: int, epochs: int,
-                        next_task: int, done_steps: int, autocast: Callable = nullcontext,
-                        compiled: bool = False) -> float | None:  # fmt: skip
+def warn_if_long_on_cpu(
+    model,
+    stream,
+    preprocess,
+    make_optimizer,
+    *,
+    batch_size: int,
+    epochs: int,
+    next_task: int,
+    done_steps: int,
+    autocast: Callable = nullcontext,
+    compiled: bool = False,
+) -> float | None:
     """At the start of a CPU run of at least MIN_STEPS steps still to make: time a few steps on a copy of the
     model with a batch of the next task's training images, and log a warning when the rest of the run would
     train for over WARN_SECONDS. Returns the estimated seconds (None when not measured). Nothing of the run

@@ -29,8 +29,13 @@ FORMATS = ("torchscript", "onnx")
 # What `incr eval` may change: where the test data come from and how they are batched, never the model.
 EVAL_KEYS = ("dataset", "data", "eval_batch_size", "evaluate_on")
 # A folder scored whole is cut into the run's own tasks: these keys may only repeat the run's values
-RUN_TASK_KEYS = ("dataset.n_tasks", "dataset.initial_classes", "dataset.class_order", "dataset.class_order_seed",
-                 "dataset.scenario")  # fmt: skip
+RUN_TASK_KEYS = (
+    "dataset.n_tasks",
+    "dataset.initial_classes",
+    "dataset.class_order",
+    "dataset.class_order_seed",
+    "dataset.scenario",
+)
 SPLITS = ("folder", "test")
 FULL_INTENSITY = 255  # images on disk and the exported model's input are 8-bit
 CHECKPOINT_HINT = (
@@ -137,8 +142,19 @@ def load(path: Path, device: str | torch.device = "cpu") -> Loaded:
     build.load_trained(model, strategy, state)
     model.head.grow(n_seen)
     model.eval()
-    return Loaded(path, cfg, model, strategy, preprocess, list(state["class_names"]), tasks, n_seen,
-                  trained_tasks(state["position"]), max_value, device)  # fmt: skip
+    return Loaded(
+        path,
+        cfg,
+        model,
+        strategy,
+        preprocess,
+        list(state["class_names"]),
+        tasks,
+        n_seen,
+        trained_tasks(state["position"]),
+        max_value,
+        device,
+    )
 
 
 def read_checkpoint(path: Path, device: torch.device) -> dict:
@@ -244,8 +260,10 @@ def eval_config(loaded: Loaded, overrides: Sequence[str], whole_folder: bool = F
         if not equals or not key:
             raise InferenceError(f"'{override}' is not an override; write KEY=VALUE, e.g. dataset.n_tasks=2")
         if key.split(".")[0] not in EVAL_KEYS:
-            raise InferenceError(f"{key} would change the model, not the test data; incr eval accepts only "
-                                 "dataset=NAME, dataset.KEY=..., data.KEY=..., eval_batch_size=..., evaluate_on=...")  # fmt: skip
+            raise InferenceError(
+                f"{key} would change the model, not the test data; incr eval accepts only "
+                "dataset=NAME, dataset.KEY=..., data.KEY=..., eval_batch_size=..., evaluate_on=..."
+            )
         parsed.append((key, value, override))
     for key, value, _ in parsed:  # a new data set first: its own keys may follow in any order
         if key == "dataset":
@@ -391,15 +409,19 @@ def test_stream(loaded: Loaded, cfg: DictConfig):
     from incr_cli.errors import ConfigError
 
     if list(cfg.dataset.input_shape) != list(loaded.input_shape):
-        raise InferenceError(f"{cfg.dataset.name}'s images are {list(cfg.dataset.input_shape)}; the model takes "
-                             f"{list(loaded.input_shape)}")  # fmt: skip
+        raise InferenceError(
+            f"{cfg.dataset.name}'s images are {list(cfg.dataset.input_shape)}; the model takes "
+            f"{list(loaded.input_shape)}"
+        )
     try:
         stream = build_stream(load_source(cfg.dataset.name, cfg.data, cfg.dataset), cfg.dataset)
     except ConfigError as error:
         raise InferenceError(str(error)) from None
     if stream.class_names != loaded.class_names:
-        raise InferenceError(f"{cfg.dataset.name}'s classes in label order {stream.class_names} are not the "
-                             f"checkpoint's {loaded.class_names}; set dataset.class_order to match")  # fmt: skip
+        raise InferenceError(
+            f"{cfg.dataset.name}'s classes in label order {stream.class_names} are not the "
+            f"checkpoint's {loaded.class_names}; set dataset.class_order to match"
+        )
     # pixels at the model's levels, then the model's own scaling and normalisation
     split = "test_x" if cfg.evaluate_on == "test" else "train_x"
     setattr(stream, split, to_levels(getattr(stream, split), stream.max_value, loaded.max_value))
@@ -421,20 +443,28 @@ def folder_stream(loaded: Loaded, cfg: DictConfig, overrides: Sequence[str]):
         raise InferenceError(str(error)) from None
     shape = [cfg.dataset.channels, *size]
     if shape != list(loaded.input_shape):
-        raise InferenceError(f"dataset.channels={cfg.dataset.channels} and dataset.image_size={list(size)} give "
-                             f"images of {shape}; the model takes {list(loaded.input_shape)}")  # fmt: skip
+        raise InferenceError(
+            f"dataset.channels={cfg.dataset.channels} and dataset.image_size={list(size)} give "
+            f"images of {shape}; the model takes {list(loaded.input_shape)}"
+        )
     if cfg.dataset.on_bad_file not in BAD_FILE_ACTIONS:
-        raise InferenceError(f"dataset.on_bad_file={cfg.dataset.on_bad_file} is not valid; choose one of: "
-                             f"{', '.join(BAD_FILE_ACTIONS)}")  # fmt: skip
+        raise InferenceError(
+            f"dataset.on_bad_file={cfg.dataset.on_bad_file} is not valid; choose one of: "
+            f"{', '.join(BAD_FILE_ACTIONS)}"
+        )
     scored = root / "test" if (root / "train").is_dir() and (root / "test").is_dir() else root
     per_class = {name: files for name, files in _class_files(scored, []).items() if files}
     if not per_class:
-        raise InferenceError(f"{scored} holds no class folder with images; expected {scored}/<class>/*.png (or "
-                             ".jpg, .jpeg, .bmp, .gif, .webp), one folder per class named as the run's classes")  # fmt: skip
+        raise InferenceError(
+            f"{scored} holds no class folder with images; expected {scored}/<class>/*.png (or "
+            ".jpg, .jpeg, .bmp, .gif, .webp), one folder per class named as the run's classes"
+        )
     unknown = sorted(set(per_class) - set(loaded.class_names))
     if unknown:
-        raise InferenceError(f"{scored} has class folder(s) the run never saw: {shown(unknown)}; the run's classes "
-                             f"are {shown(loaded.class_names)} (remove or rename the others)")  # fmt: skip
+        raise InferenceError(
+            f"{scored} has class folder(s) the run never saw: {shown(unknown)}; the run's classes "
+            f"are {shown(loaded.class_names)} (remove or rename the others)"
+        )
     files = [path for files in per_class.values() for path in files]
     label_of = {name: label for label, name in enumerate(loaded.class_names)}
     labels = torch.tensor([label_of[name] for name, files in per_class.items() for _ in files])
@@ -451,24 +481,34 @@ def check_folder_overrides(loaded: Loaded, cfg: DictConfig, overrides: Sequence[
     """A folder scored whole has no split to choose and takes the run's tasks: an override that would choose
     them otherwise is refused, not ignored."""
     if cfg.dataset.name != "image_folder":
-        raise InferenceError("--split folder scores an image folder: give dataset=image_folder "
-                             "dataset.folder=FOLDER, or --split test for the data set's test split")  # fmt: skip
+        raise InferenceError(
+            "--split folder scores an image folder: give dataset=image_folder "
+            "dataset.folder=FOLDER, or --split test for the data set's test split"
+        )
     if cfg.dataset.get("domains") == "folders" or cfg.dataset.scenario == "domain_il":
-        raise InferenceError("a domain-IL run's tasks are domains, which a folder of classes does not name: "
-                             "give --split test (with dataset.domains=folders, one folder per domain)")  # fmt: skip
+        raise InferenceError(
+            "a domain-IL run's tasks are domains, which a folder of classes does not name: "
+            "give --split test (with dataset.domains=folders, one folder per domain)"
+        )
     if cfg.evaluate_on != "test":
-        raise InferenceError("evaluate_on=val is a held-out part of the training images; a folder scored whole "
-                             "(--split folder) has none: give --split test")  # fmt: skip
+        raise InferenceError(
+            "evaluate_on=val is a held-out part of the training images; a folder scored whole "
+            "(--split folder) has none: give --split test"
+        )
     for override in overrides:
         key = override.partition("=")[0]
         if key in ("dataset.test_fraction", "dataset.val_fraction"):
-            raise InferenceError(f"{key} splits a folder; --split folder (the default with dataset.folder) "
-                                 "scores every image: leave it out, or give --split test")  # fmt: skip
+            raise InferenceError(
+                f"{key} splits a folder; --split folder (the default with dataset.folder) "
+                "scores every image: leave it out, or give --split test"
+            )
         if key in RUN_TASK_KEYS:
             value, run = OmegaConf.select(cfg, key), OmegaConf.select(loaded.cfg, key)
             if plain(value) != plain(run):
-                raise InferenceError(f"{override}: a folder scored whole (--split folder) is cut into the run's own "
-                                     f"tasks ({key}={plain(run)}); leave it out, or give --split test")  # fmt: skip
+                raise InferenceError(
+                    f"{override}: a folder scored whole (--split folder) is cut into the run's own "
+                    f"tasks ({key}={plain(run)}); leave it out, or give --split test"
+                )
 
 
 def plain(value):
@@ -514,12 +554,16 @@ def number(value: float | None) -> str:
 def evaluation_lines(result: dict) -> list[str]:
     lines = [f"checkpoint: {result['checkpoint']}"]
     classes = sum(1 for c in result["per_class"].values() if c["images"])
-    lines.append(f"images: {result['images']} of {classes} classes"
-                 + (f" ({len(result['skipped'])} unreadable file(s) skipped)" if result["skipped"] else ""))  # fmt: skip
+    lines.append(
+        f"images: {result['images']} of {classes} classes"
+        + (f" ({len(result['skipped'])} unreadable file(s) skipped)" if result["skipped"] else "")
+    )
     final = result["final"]
     if final:
-        lines.append(f"trained tasks: precision {final['precision']:.4f}, recall {final['recall']:.4f}, "
-                     f"F1 {final['f1']:.4f} (macro over the {result['seen_classes']} classes seen)")  # fmt: skip
+        lines.append(
+            f"trained tasks: precision {final['precision']:.4f}, recall {final['recall']:.4f}, "
+            f"F1 {final['f1']:.4f} (macro over the {result['seen_classes']} classes seen)"
+        )
     return lines
 
 
@@ -586,8 +630,11 @@ def read_images(
         advice = "; fix or remove it, or give --on-bad-file skip" if on_bad_file == "stop" else ""
         raise InferenceError(f"{path} cannot be read as an image ({reason}){more}{advice}")
     for path, reason in skipped:
-        errors.print(f"[bold yellow]warning:[/] skipped {path}: cannot be read as an image ({reason})",
-                     highlight=False, soft_wrap=True)  # fmt: skip
+        errors.print(
+            f"[bold yellow]warning:[/] skipped {path}: cannot be read as an image ({reason})",
+            highlight=False,
+            soft_wrap=True,
+        )
     return torch.stack([decoded[i] for i in kept]), kept, skipped
 
 
@@ -701,17 +748,26 @@ def check_onnx() -> None:
     # torch's ONNX exporter writes through onnxscript, which needs onnx
     missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
     if missing:
-        raise InferenceError(f"--format onnx needs {' and '.join(missing)}: pip install onnx onnxscript "
-                             "(and onnxruntime to run the file)")  # fmt: skip
+        raise InferenceError(
+            f"--format onnx needs {' and '.join(missing)}: pip install onnx onnxscript "
+            "(and onnxruntime to run the file)"
+        )
 
 
 def export_onnx(classifier: nn.Module, example: Tensor, out: Path) -> None:
     batch = torch.export.Dim("batch", min=1)
     with torch.no_grad():
         torch.onnx.export(
-            classifier, (example,), str(out), input_names=["images"], output_names=["scores"],
-            dynamic_shapes={"images": {0: batch}}, dynamo=True, external_data=False, verbose=False,
-        )  # fmt: skip
+            classifier,
+            (example,),
+            str(out),
+            input_names=["images"],
+            output_names=["scores"],
+            dynamic_shapes={"images": {0: batch}},
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -756,24 +812,38 @@ def _eval(argv: list[str]) -> int:
     from incr_cli.console import console
     from incr_cli.files import write_json
 
-    parser = _Parser(prog="incr eval", description="Accuracy of a checkpoint on every task of a data set's test "
-                     "stream (the run's own by default), the tables of incr train. A folder given with "
-                     "dataset=image_folder dataset.folder=FOLDER is scored whole: every image of FOLDER/<class>/ "
-                     "(of FOLDER/test/<class>/ where FOLDER has train/ and test/), each class folder matched by "
-                     "name to the run's class and scored in the task the run learned it in; a class the run "
-                     "never saw is refused.")  # fmt: skip
+    parser = _Parser(
+        prog="incr eval",
+        description="Accuracy of a checkpoint on every task of a data set's test "
+        "stream (the run's own by default), the tables of incr train. A folder given with "
+        "dataset=image_folder dataset.folder=FOLDER is scored whole: every image of FOLDER/<class>/ "
+        "(of FOLDER/test/<class>/ where FOLDER has train/ and test/), each class folder matched by "
+        "name to the run's class and scored in the task the run learned it in; a class the run "
+        "never saw is refused.",
+    )
     parser.add_argument(
         "checkpoint", type=Path, help="a checkpoint file, or a run directory (its checkpoints/last.pt)"
     )
-    parser.add_argument("overrides", nargs="*", metavar="OVERRIDE",
-                        help="dataset=NAME, dataset.KEY=VALUE, data.KEY=VALUE, eval_batch_size=N, evaluate_on=test|val")  # fmt: skip
-    parser.add_argument("--split", choices=SPLITS, default=None,
-                        help="folder: every image of dataset.folder, in the run's tasks (the default when "
-                        "dataset.folder is given); test: the test split as incr train holds it out "
-                        "(dataset.test_fraction of each class, or FOLDER/test/), cut into dataset.n_tasks "
-                        "tasks (the default otherwise: the run's own test stream)")  # fmt: skip
-    parser.add_argument("--out", default=None,
-                        help="also write the results (per-task and per-class) here as JSON; a folder: FOLDER/eval.json")  # fmt: skip
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="OVERRIDE",
+        help="dataset=NAME, dataset.KEY=VALUE, data.KEY=VALUE, eval_batch_size=N, evaluate_on=test|val",
+    )
+    parser.add_argument(
+        "--split",
+        choices=SPLITS,
+        default=None,
+        help="folder: every image of dataset.folder, in the run's tasks (the default when "
+        "dataset.folder is given); test: the test split as incr train holds it out "
+        "(dataset.test_fraction of each class, or FOLDER/test/), cut into dataset.n_tasks "
+        "tasks (the default otherwise: the run's own test stream)",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="also write the results (per-task and per-class) here as JSON; a folder: FOLDER/eval.json",
+    )
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     args = _parse(parser, argv)
     if isinstance(args, int):
@@ -802,17 +872,24 @@ def predict_command(argv: list[str]) -> int:
 def _predict(argv: list[str]) -> int:
     from incr_cli.console import console
 
-    parser = _Parser(prog="incr predict", description="Class names and probabilities of image files, from a "
-                     "checkpoint alone (no training data needed).")  # fmt: skip
+    parser = _Parser(
+        prog="incr predict",
+        description="Class names and probabilities of image files, from a "
+        "checkpoint alone (no training data needed).",
+    )
     parser.add_argument(
         "checkpoint", type=Path, help="a checkpoint file, or a run directory (its checkpoints/last.pt)"
     )
     parser.add_argument("images", nargs="+", type=Path, help="image files, or folders searched for them")
     parser.add_argument("--top-k", type=int, default=3, help="classes shown per image (default 3)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--on-bad-file", choices=("skip", "stop"), default="skip",
-                        help="an unreadable image file: skip names it on stderr and predicts the others "
-                        "(default); stop exits with status 2 naming it")  # fmt: skip
+    parser.add_argument(
+        "--on-bad-file",
+        choices=("skip", "stop"),
+        default="skip",
+        help="an unreadable image file: skip names it on stderr and predicts the others "
+        "(default); stop exits with status 2 naming it",
+    )
     parser.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
     args = _parse(parser, argv)
     if isinstance(args, int):
@@ -826,9 +903,15 @@ def _predict(argv: list[str]) -> int:
     predictions = predict(loaded, images, args.top_k)
     names = loaded.seen_names
     if args.json:
-        rows = [{"image": str(path), "predictions": [{"class": names[label], "label": label, "probability": p}
-                                                       for label, p in top]}
-                for path, top in zip(files, predictions, strict=True)]  # fmt: skip
+        rows = [
+            {
+                "image": str(path),
+                "predictions": [
+                    {"class": names[label], "label": label, "probability": p} for label, p in top
+                ],
+            }
+            for path, top in zip(files, predictions, strict=True)
+        ]
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
     else:
         console.print(prediction_table(files, predictions, names))
@@ -842,19 +925,25 @@ def export_command(argv: list[str]) -> int:
 def _export(argv: list[str]) -> int:
     from incr_cli.console import console
 
-    parser = _Parser(prog="incr export", description="A model file that scores the classes seen so far, "
-                     "preprocessing included; input: float [N, C, H, W] pixel values 0..255. The class names "
-                     "are written beside it (FILE.classes.json).")  # fmt: skip
+    parser = _Parser(
+        prog="incr export",
+        description="A model file that scores the classes seen so far, "
+        "preprocessing included; input: float [N, C, H, W] pixel values 0..255. The class names "
+        "are written beside it (FILE.classes.json).",
+    )
     parser.add_argument(
         "checkpoint", type=Path, help="a checkpoint file, or a run directory (its checkpoints/last.pt)"
     )
     parser.add_argument(
         "--format", default="torchscript", help=f"{' | '.join(FORMATS)} (default torchscript)"
     )
-    parser.add_argument("--out", default=None,
-                        help="the model file (default: beside the checkpoint, .torchscript or .onnx); a folder "
-                        "(one that exists, or a path ending in /): FOLDER/model.torchscript or FOLDER/model.onnx. "
-                        "A place that cannot be written is refused before exporting")  # fmt: skip
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="the model file (default: beside the checkpoint, .torchscript or .onnx); a folder "
+        "(one that exists, or a path ending in /): FOLDER/model.torchscript or FOLDER/model.onnx. "
+        "A place that cannot be written is refused before exporting",
+    )
     args = _parse(parser, argv)
     if isinstance(args, int):
         return args
@@ -869,6 +958,9 @@ def _export(argv: list[str]) -> int:
         out = writable_file(args.out, f"model.{args.format}")
     loaded = load(args.checkpoint, "cpu")
     export(loaded, args.format, out)
-    console.print(f"{args.format} model: {out} ({loaded.n_seen} classes; names in {out.name}.classes.json)",
-                  highlight=False, soft_wrap=True)  # fmt: skip
+    console.print(
+        f"{args.format} model: {out} ({loaded.n_seen} classes; names in {out.name}.classes.json)",
+        highlight=False,
+        soft_wrap=True,
+    )
     return 0

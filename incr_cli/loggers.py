@@ -71,8 +71,15 @@ class CsvScalars:
 
     def scalars(self, values: dict[str, float], step: int, task: int, epoch: int | None) -> None:
         for name, value in values.items():
-            self.writer.writerow({"step": step, "task": task + 1, "epoch": "" if epoch is None else epoch + 1,
-                                  "name": name, "value": value})  # fmt: skip
+            self.writer.writerow(
+                {
+                    "step": step,
+                    "task": task + 1,
+                    "epoch": "" if epoch is None else epoch + 1,
+                    "name": name,
+                    "value": value,
+                }
+            )
         self.handle.flush()
 
     def matrix(self, matrix: list[list[float]], step: int) -> None:

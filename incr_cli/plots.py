@@ -51,8 +51,15 @@ def draw_matrix(axes, matrix: list[list[float]], title: str, cell_inches: float 
         size = min(8.0, cell_inches * 16)
         for i, row in enumerate(matrix):
             for j, value in enumerate(row):
-                axes.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=size,
-                          color="black" if value > 0.6 else "white")  # fmt: skip
+                axes.text(
+                    j,
+                    i,
+                    f"{value:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=size,
+                    color="black" if value > 0.6 else "white",
+                )
     every = max(1, math.ceil(0.25 / cell_inches))  # tick labels at least a quarter inch apart
     axes.set_xticks(range(0, n_tasks, every), [f"T{j + 1}" for j in range(0, n_tasks, every)], fontsize=8)
     axes.set_yticks(range(0, n_rows, every), [str(i + 1) for i in range(0, n_rows, every)], fontsize=8)
@@ -103,11 +110,19 @@ def plot_accuracy_matrices(matrices: dict[str, list[list[float]]], path: Path, t
         x = left + column * (panel_width + gap_x)
         y = top + title_height + row * (title_height + panel_height + gap_y)
         last_in_column = k + columns >= len(matrices)
-        image = draw_matrix(figure.add_axes(box(x, y, panel_width, panel_height)), matrix, label, cell,
-                            outer=(last_in_column, column == 0))  # fmt: skip
+        image = draw_matrix(
+            figure.add_axes(box(x, y, panel_width, panel_height)),
+            matrix,
+            label,
+            cell,
+            outer=(last_in_column, column == 0),
+        )
     bar_height = min(3.0, height - top - title_height - bottom)
-    figure.colorbar(image, cax=figure.add_axes(box(width - right + 0.2, top + title_height, 0.15, bar_height)),
-                    label="accuracy (mean over seeds)")  # fmt: skip
+    figure.colorbar(
+        image,
+        cax=figure.add_axes(box(width - right + 0.2, top + title_height, 0.15, bar_height)),
+        label="accuracy (mean over seeds)",
+    )
     figure.suptitle(heading, fontsize=11, y=1 - 0.1 / height, va="top")
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -144,8 +159,16 @@ def plot_forgetting_bars(
     entries = zip(method_colours(len(forgetting)), forgetting.items(), strict=True)
     for k, (colour, (label, (means, stds))) in enumerate(entries):
         positions = [j + 1 + (k - (len(forgetting) - 1) / 2) * width for j in range(len(means))]
-        axes.bar(positions, means, width, yerr=stds, capsize=2 if len(forgetting) <= 10 else 0, color=colour,
-                 error_kw={"linewidth": 0.8}, label=label)  # fmt: skip
+        axes.bar(
+            positions,
+            means,
+            width,
+            yerr=stds,
+            capsize=2 if len(forgetting) <= 10 else 0,
+            color=colour,
+            error_kw={"linewidth": 0.8},
+            label=label,
+        )
     axes.set_xticks(range(1, n_tasks + 1), [f"T{j + 1}" for j in range(n_tasks)])
     axes.set_xlabel("task (all but the last)")
     axes.set_ylabel("forgetting: best accuracy − final accuracy")
@@ -165,8 +188,13 @@ def _save(figure, path: Path, legend_entries: int = 0) -> None:
     box then grows to hold it: no legend is clipped, whatever the number of methods."""
     figure.tight_layout()
     if legend_entries:
-        figure.axes[0].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8,
-                              ncol=math.ceil(legend_entries / LEGEND_ROWS))  # fmt: skip
+        figure.axes[0].legend(
+            loc="upper left",
+            bbox_to_anchor=(1.02, 1.0),
+            borderaxespad=0.0,
+            fontsize=8,
+            ncol=math.ceil(legend_entries / LEGEND_ROWS),
+        )
     figure.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(figure)
 

@@ -19,8 +19,21 @@ from incr_cli.config import check_config, config_dir, register_schema, to_contai
 from incr_cli.errors import ConfigError
 
 # Flags after which Hydra prints or inspects instead of training.
-INSPECTION_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc",
-                    "--version", "--resolve", "-p", "--package"}  # fmt: skip
+INSPECTION_FLAGS = {
+    "--help",
+    "-h",
+    "--hydra-help",
+    "--cfg",
+    "-c",
+    "--info",
+    "-i",
+    "--shell-completion",
+    "-sc",
+    "--version",
+    "--resolve",
+    "-p",
+    "--package",
+}
 
 
 def _hydra_setting(argv: list[str], key: str) -> str | None:

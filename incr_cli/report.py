@@ -54,9 +54,15 @@ COLUMNS = {
     )
 }
 DEFAULT_COLUMNS = (
-    "final_average_accuracy", "average_incremental_accuracy", "average_forgetting", "bwt", "fwt", "f1",
-    "wall_seconds", "memory_bytes",
-)  # fmt: skip
+    "final_average_accuracy",
+    "average_incremental_accuracy",
+    "average_forgetting",
+    "bwt",
+    "fwt",
+    "f1",
+    "wall_seconds",
+    "memory_bytes",
+)
 SCENARIOS = ("class_il", "task_il")
 
 
@@ -168,8 +174,10 @@ def repeated_folders(folders: list[Path]) -> list[str]:
         resolved = folder.resolve()
         earlier = next((f for f, r in seen if resolved == r or r in resolved.parents), None)
         if earlier is not None:
-            notes.append(f"{folder} is {'the same folder as' if resolved == earlier.resolve() else 'inside'} "
-                         f"{earlier}: its runs are counted once")  # fmt: skip
+            notes.append(
+                f"{folder} is {'the same folder as' if resolved == earlier.resolve() else 'inside'} "
+                f"{earlier}: its runs are counted once"
+            )
         seen.append((folder, resolved))
     return notes
 
@@ -243,8 +251,9 @@ def rich_table(dataset: str, rows: list[tuple[Group, dict]], columns: list[str],
     return table
 
 
-def markdown(tables: dict[str, list[tuple[Group, dict]]], unfinished: list[RunDir], columns, labels,
-             notes: list[str]) -> str:  # fmt: skip
+def markdown(
+    tables: dict[str, list[tuple[Group, dict]]], unfinished: list[RunDir], columns, labels, notes: list[str]
+) -> str:
     lines = [
         "# Report",
         "",
@@ -298,8 +307,15 @@ def write_csv(path: Path, tables: dict[str, list[tuple[Group, dict]]], columns: 
         for dataset, rows in tables.items():
             for group, figures in rows:
                 stats = [figures[k][s] for k in columns for s in ("mean", "std")]
-                writer.writerow([dataset, labels[dataset], group.method, len(group.runs),
-                                 *["" if v is None else v for v in stats]])  # fmt: skip
+                writer.writerow(
+                    [
+                        dataset,
+                        labels[dataset],
+                        group.method,
+                        len(group.runs),
+                        *["" if v is None else v for v in stats],
+                    ]
+                )
 
 
 def write_figures(
@@ -357,12 +373,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "dirs", nargs="+", type=Path, metavar="DIR", help="run directories or folders of them"
     )
     parser.add_argument("--out", type=Path, default=None, help="where report.* go (default: the first DIR)")
-    parser.add_argument("--columns", default=",".join(DEFAULT_COLUMNS),
-                        help=f"comma-separated, from: {','.join(COLUMNS)}")  # fmt: skip
+    parser.add_argument(
+        "--columns", default=",".join(DEFAULT_COLUMNS), help=f"comma-separated, from: {','.join(COLUMNS)}"
+    )
     parser.add_argument("--sort", default="final_average_accuracy", help="column to sort by (best first)")
-    parser.add_argument("--scenario", default=None, choices=SCENARIOS,
-                        help="which accuracy matrix (default: each run's own scenario's: task_il for task-IL "
-                        "runs, class_il for class-IL and domain-IL runs)")  # fmt: skip
+    parser.add_argument(
+        "--scenario",
+        default=None,
+        choices=SCENARIOS,
+        help="which accuracy matrix (default: each run's own scenario's: task_il for task-IL "
+        "runs, class_il for class-IL and domain-IL runs)",
+    )
     parser.add_argument("--no-figures", action="store_true", help="tables only")
     return parser.parse_args(argv)
 
@@ -405,8 +426,10 @@ def report(args: argparse.Namespace) -> dict:
     labels = {dataset: label for dataset, (_, label) in matrices.items()}
     for rows in tables.values():
         missing = -math.inf if sort.higher_is_better else math.inf
-        rows.sort(key=lambda row: row[1][sort.key]["mean"] if row[1][sort.key]["mean"] is not None else missing,
-                  reverse=sort.higher_is_better)  # fmt: skip
+        rows.sort(
+            key=lambda row: row[1][sort.key]["mean"] if row[1][sort.key]["mean"] is not None else missing,
+            reverse=sort.higher_is_better,
+        )
 
     out = args.out or args.dirs[0]
     out.mkdir(parents=True, exist_ok=True)
@@ -429,17 +452,26 @@ def report(args: argparse.Namespace) -> dict:
     result = {
         "scenario": args.scenario,
         "groups": [
-            {"dataset": dataset, "method": group.method, "overrides": group.overrides,
-             "matrix": matrices[dataset][0], "accuracy": labels[dataset],
-             "seeds": [run.seed for run in group.runs], "runs": [str(run.path) for run in group.runs],
-             "figures": {k: {s: _jsonable(v) for s, v in f.items()} for k, f in figures_.items()}}
-            for dataset, rows in tables.items() for group, figures_ in rows
+            {
+                "dataset": dataset,
+                "method": group.method,
+                "overrides": group.overrides,
+                "matrix": matrices[dataset][0],
+                "accuracy": labels[dataset],
+                "seeds": [run.seed for run in group.runs],
+                "runs": [str(run.path) for run in group.runs],
+                "figures": {k: {s: _jsonable(v) for s, v in f.items()} for k, f in figures_.items()},
+            }
+            for dataset, rows in tables.items()
+            for group, figures_ in rows
         ],
-        "unfinished": [{"run": str(r.path), "status": _status(r), "tasks_done": _tasks_done(r)} for r in unfinished],
+        "unfinished": [
+            {"run": str(r.path), "status": _status(r), "tasks_done": _tasks_done(r)} for r in unfinished
+        ],
         "duplicates": [{"run": str(run.path), "same_as": str(kept.path)} for run, kept in duplicates],
         "notes": notes,
         "figures": [str(p) for p in figures],
-    }  # fmt: skip
+    }
     (out / "report.json").write_text(json.dumps(result, indent=2))
     console.print(
         f"report written to {out}/report.{{md,csv,json}}"

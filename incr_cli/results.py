@@ -24,15 +24,30 @@ def new_metrics(
     """metrics.json of a run that has not trained yet: what it runs, its tasks, and empty matrices."""
     return {
         "run": {
-            "strategy": names["strategy"], "dataset": names["dataset"], "model": names["model"],
-            "seed": cfg.seed, "config_hash": config_hash, "device": str(device),
-            "status": "running", "n_tasks": len(stream.tasks), "evaluated_on": cfg.evaluate_on,
-            "scenario": cfg.dataset.scenario, "online": cfg.train.online,
+            "strategy": names["strategy"],
+            "dataset": names["dataset"],
+            "model": names["model"],
+            "seed": cfg.seed,
+            "config_hash": config_hash,
+            "device": str(device),
+            "status": "running",
+            "n_tasks": len(stream.tasks),
+            "evaluated_on": cfg.evaluate_on,
+            "scenario": cfg.dataset.scenario,
+            "online": cfg.train.online,
         },
-        "tasks": [{"task": t.id, "classes": t.classes, "class_names": [stream.class_names[c] for c in t.classes],
-                   "original_classes": [stream.class_order[c] for c in t.classes],
-                   "train_samples": len(t.train_index), "val_samples": len(t.val_index),
-                   "test_samples": len(t.test_index)} for t in stream.tasks],
+        "tasks": [
+            {
+                "task": t.id,
+                "classes": t.classes,
+                "class_names": [stream.class_names[c] for c in t.classes],
+                "original_classes": [stream.class_order[c] for c in t.classes],
+                "train_samples": len(t.train_index),
+                "val_samples": len(t.val_index),
+                "test_samples": len(t.test_index),
+            }
+            for t in stream.tasks
+        ],
         "class_il": {"accuracy_matrix": [], "initial_accuracy": []},
         "task_il": {"accuracy_matrix": [], "initial_accuracy": []},
         "per_task": [],
@@ -41,7 +56,7 @@ def new_metrics(
         "model_bytes": 0,
         "peak_memory_bytes": 0,
         "wall_seconds": 0.0,
-    }  # fmt: skip
+    }
 
 
 def task_timing(run_metrics: dict, task_id: int) -> dict:
@@ -97,9 +112,14 @@ def show_task(run_metrics: dict, on_console: bool) -> None:
     if on_console:
         shown, label = metrics.shown_accuracy(m)
         console.print(accuracy_table(m[shown]["accuracy_matrix"], f"{label} after task {step}"))
-    log.info("task %d: average accuracy %.4f (class-IL), %.4f (task-IL); %.1f s training, %.0f samples/s",
-             step, m["class_il"]["average_accuracy"][-1], m["task_il"]["average_accuracy"][-1],
-             m["per_task"][-1]["train_seconds"], m["per_task"][-1]["samples_per_second"])  # fmt: skip
+    log.info(
+        "task %d: average accuracy %.4f (class-IL), %.4f (task-IL); %.1f s training, %.0f samples/s",
+        step,
+        m["class_il"]["average_accuracy"][-1],
+        m["task_il"]["average_accuracy"][-1],
+        m["per_task"][-1]["train_seconds"],
+        m["per_task"][-1]["samples_per_second"],
+    )
 
 
 def logged_values(run_metrics: dict) -> dict:

@@ -47,8 +47,10 @@ class StepRunner:
                 log.warning("non-finite loss (%s) at %s: batch skipped", loss.item(), self.where())
                 self.optimizer.zero_grad(set_to_none=True)
                 return False
-            raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at {self.where()}; the last good checkpoint is "
-                                "kept (train.on_nonfinite=skip_batch skips such batches instead)")  # fmt: skip
+            raise NonFiniteLoss(
+                f"non-finite loss ({loss.item()}) at {self.where()}; the last good checkpoint is "
+                "kept (train.on_nonfinite=skip_batch skips such batches instead)"
+            )
         self.scaler.scale(loss).backward()
         if distributed.active():
             distributed.average_gradients(self.parameters, self.weight)

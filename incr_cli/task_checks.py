@@ -96,8 +96,10 @@ def learned_nothing(
     n_classes = len(task.classes)
     chance = 1 / n_classes
     if n_classes > 1 and accuracy <= chance + CHANCE_MARGIN:
-        findings.append(f"its {cfg.evaluate_on} accuracy among its own classes is {accuracy:.3f}, no more than "
-                        f"{CHANCE_MARGIN * 100:.0f} points above chance ({chance:.3f} with {n_classes} classes)")  # fmt: skip
+        findings.append(
+            f"its {cfg.evaluate_on} accuracy among its own classes is {accuracy:.3f}, no more than "
+            f"{CHANCE_MARGIN * 100:.0f} points above chance ({chance:.3f} with {n_classes} classes)"
+        )
     if task_loss is not None and None not in task_loss:
         first, later = task_loss
         if not later < first - LOSS_DROP * abs(first):
@@ -111,8 +113,10 @@ def learned_nothing(
     if not findings:
         return []
     names = ", ".join(class_names[c] for c in task.classes)
-    return [f"task {task.id + 1} (classes {names}) may have learned nothing: {'; '.join(findings)}. "
-            f"Likely causes: {', '.join(likely_causes(cfg, epochs))}"]  # fmt: skip
+    return [
+        f"task {task.id + 1} (classes {names}) may have learned nothing: {'; '.join(findings)}. "
+        f"Likely causes: {', '.join(likely_causes(cfg, epochs))}"
+    ]
 
 
 def likely_causes(cfg: DictConfig, epochs: int) -> list[str]:

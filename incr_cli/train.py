@@ -130,8 +130,10 @@ def sweep_outcome(folder: Path) -> int:
     if not failed:
         console.print(f"sweep finished: {len(jobs)} jobs in {folder}", highlight=False, soft_wrap=True)
         return 0
-    fail(f"{len(failed)} of {len(jobs)} jobs failed: {', '.join(map(str, failed))} (metrics.json and train.log "
-         f"there say why); continue the sweep with: {sweep_resume_command(folder)}")  # fmt: skip
+    fail(
+        f"{len(failed)} of {len(jobs)} jobs failed: {', '.join(map(str, failed))} (metrics.json and train.log "
+        f"there say why); continue the sweep with: {sweep_resume_command(folder)}"
+    )
     return 1
 
 

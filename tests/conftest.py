@@ -151,9 +151,15 @@ def tiny_context(model, pixels: list, labels: list[int], tasks: list[list[int]],
     from incr_cli.strategies.base import Context
 
     train_x = torch.tensor(pixels, dtype=torch.uint8).reshape(len(labels), 1, 1, -1)
-    dataset = OmegaConf.create({"input_shape": list(train_x.shape[1:]), "normalize": False, "mean": [0.0],
-                                "std": [1.0], "augment": {"crop_padding": 0, "horizontal_flip": flip,
-                                                          "rotation_degrees": 0.0}})  # fmt: skip
+    dataset = OmegaConf.create(
+        {
+            "input_shape": list(train_x.shape[1:]),
+            "normalize": False,
+            "mean": [0.0],
+            "std": [1.0],
+            "augment": {"crop_padding": 0, "horizontal_flip": flip, "rotation_degrees": 0.0},
+        }
+    )
     train_y = torch.tensor(labels)
     empty = torch.zeros(0, dtype=torch.long)
     stream_tasks = [
@@ -163,8 +169,17 @@ def tiny_context(model, pixels: list, labels: list[int], tasks: list[list[int]],
     stream = Stream(
         train_x, train_y, train_x[:0], empty, stream_tasks, [0, 1, 2], ["0", "1", "2"], max_value=1
     )
-    return Context(model, stream, Preprocess(dataset, 1, torch.device("cpu")), torch.Generator().manual_seed(0),
-                   torch.device("cpu"), lambda p: torch.optim.SGD(p, lr=0.1), batch_size=batch_size, epochs=1, seed=0)  # fmt: skip
+    return Context(
+        model,
+        stream,
+        Preprocess(dataset, 1, torch.device("cpu")),
+        torch.Generator().manual_seed(0),
+        torch.device("cpu"),
+        lambda p: torch.optim.SGD(p, lr=0.1),
+        batch_size=batch_size,
+        epochs=1,
+        seed=0,
+    )
 
 
 def old_class_bias(strategy) -> tuple[float, float]:

@@ -45,9 +45,16 @@ class TwoStageNet(nn.Module):
         return [self.first, self.second]
 
 
-TINY = ["model._target_=test_backbones.TwoStageNet", "~model.hidden_sizes", "+model.width=4",
-        "dataset.n_tasks=2", "epochs=1", "strategy.memory.size=20", "strategy.finetune_epochs=1",
-        "hardware=cpu"]  # fmt: skip
+TINY = [
+    "model._target_=test_backbones.TwoStageNet",
+    "~model.hidden_sizes",
+    "+model.width=4",
+    "dataset.n_tasks=2",
+    "epochs=1",
+    "strategy.memory.size=20",
+    "strategy.finetune_epochs=1",
+    "hardware=cpu",
+]
 
 
 @pytest.mark.parametrize("strategy", ["lucir", "podnet"])
@@ -71,11 +78,28 @@ class NoProtocol(nn.Module):
 def setup_on(strategy, backbone: nn.Module) -> None:
     empty = torch.zeros(0, dtype=torch.long)
     stream = Stream(empty, empty, empty, empty, [], [0, 1], ["0", "1"], max_value=1)
-    dataset = OmegaConf.create({"input_shape": [4, 1, 1], "normalize": False, "mean": [0.0], "std": [1.0],
-                                "augment": {"crop_padding": 0, "horizontal_flip": False, "rotation_degrees": 0.0}})  # fmt: skip
-    strategy.setup(Context(IncrementalNet(backbone, 2), stream, Preprocess(dataset, 1, torch.device("cpu")),
-                           torch.Generator(), torch.device("cpu"), torch.optim.SGD, batch_size=1, epochs=1,
-                           seed=0))  # fmt: skip
+    dataset = OmegaConf.create(
+        {
+            "input_shape": [4, 1, 1],
+            "normalize": False,
+            "mean": [0.0],
+            "std": [1.0],
+            "augment": {"crop_padding": 0, "horizontal_flip": False, "rotation_degrees": 0.0},
+        }
+    )
+    strategy.setup(
+        Context(
+            IncrementalNet(backbone, 2),
+            stream,
+            Preprocess(dataset, 1, torch.device("cpu")),
+            torch.Generator(),
+            torch.device("cpu"),
+            torch.optim.SGD,
+            batch_size=1,
+            epochs=1,
+            seed=0,
+        )
+    )
 
 
 def test_a_backbone_without_what_the_method_needs_is_refused_at_setup():
@@ -101,7 +125,9 @@ BUILT_IN = [
 ]
 
 
-@pytest.mark.parametrize(("build", "shape", "n_stages"), BUILT_IN, ids=["mlp", "convnet", "cifar_cnn", "resnet18", "resnet32"])  # fmt: skip
+@pytest.mark.parametrize(
+    ("build", "shape", "n_stages"), BUILT_IN, ids=["mlp", "convnet", "cifar_cnn", "resnet18", "resnet32"]
+)
 def test_every_built_in_backbone_offers_what_the_strategies_need(build, shape, n_stages):
     torch.manual_seed(0)
     backbone = build(shape).eval()

@@ -125,8 +125,12 @@ def test_random_crop_returns_a_shifted_window_of_the_padded_image():
     padded = torch.nn.functional.pad(x, (padding,) * 4)
     offsets = []
     for i in range(len(x)):
-        found = [(dy, dx) for dy in range(2 * padding + 1) for dx in range(2 * padding + 1)
-                 if torch.equal(out[i], padded[i, :, dy : dy + 6, dx : dx + 6])]  # fmt: skip
+        found = [
+            (dy, dx)
+            for dy in range(2 * padding + 1)
+            for dx in range(2 * padding + 1)
+            if torch.equal(out[i], padded[i, :, dy : dy + 6, dx : dx + 6])
+        ]
         assert len(found) == 1, f"image {i} is not one window of its padded original"
         offsets.append(found[0])
     # 200 draws of 25 equally likely offsets leave one out with probability <= 25 * (24/25)^200 = 0.7%; asking

@@ -72,7 +72,13 @@ def held_out_run(tmp_path, overrides):
 
     def recording_training_indices(self, task):
         rows = training_indices(self, task)
-        seen.append({"trained": set(rows.tolist()), "val": self.val_index.tolist(), "val_rows": self.val_rows.tolist()})
+        seen.append(
+            {
+                "trained": set(rows.tolist()),
+                "val": self.val_index.tolist(),
+                "val_rows": self.val_rows.tolist(),
+            }
+        )
         return rows
 
     def recording_after_task(self, task):

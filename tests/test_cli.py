@@ -124,8 +124,14 @@ def test_bad_input_exits_2_with_one_line_before_training(capsys, tmp_path, overr
 def test_mnist_without_its_files_exits_2_suggesting_download(capsys, tmp_path):
     empty = tmp_path / "data"
     empty.mkdir()
-    status, _, err = in_process(capsys, "train", "dataset=mnist", "model=convnet", f"data.root={empty}",
-                                f"hydra.run.dir={tmp_path / 'run'}")  # fmt: skip
+    status, _, err = in_process(
+        capsys,
+        "train",
+        "dataset=mnist",
+        "model=convnet",
+        f"data.root={empty}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
     assert status == 2
     line = assert_one_line_error(err)
     assert "mnist" in line and "data.download=true" in line and str(empty) in line
@@ -153,8 +159,16 @@ def test_a_bad_value_in_any_job_of_a_sweep_stops_the_sweep_before_it_starts(caps
 @pytest.mark.slow
 def test_a_multirun_sweep_writes_one_complete_run_directory_per_job(capsys, tmp_path):
     sweep = tmp_path / "sweep"
-    status, _, _ = in_process(capsys, "train", "-m", "strategy=finetune,replay", "seed=0,1", "epochs=1",
-                              "progress=false", f"hydra.sweep.dir={sweep}")  # fmt: skip
+    status, _, _ = in_process(
+        capsys,
+        "train",
+        "-m",
+        "strategy=finetune,replay",
+        "seed=0,1",
+        "epochs=1",
+        "progress=false",
+        f"hydra.sweep.dir={sweep}",
+    )
     assert status == 0
     runs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert [p.name for p in runs] == [
@@ -168,8 +182,13 @@ def test_a_multirun_sweep_writes_one_complete_run_directory_per_job(capsys, tmp_
         metrics = json.loads((run / "metrics.json").read_text())
         assert metrics["run"]["status"] == "finished"
         assert len(metrics["class_il"]["accuracy_matrix"]) == 5
-        for name in ("accuracy_matrix.csv", "accuracy_matrix.png", "average_accuracy.png", "checkpoints/last.pt",
-                     ".hydra/config.yaml"):  # fmt: skip
+        for name in (
+            "accuracy_matrix.csv",
+            "accuracy_matrix.png",
+            "average_accuracy.png",
+            "checkpoints/last.pt",
+            ".hydra/config.yaml",
+        ):
             assert (run / name).is_file(), f"{run.name}/{name}"
         config = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
         assert config["seed"] == metrics["run"]["seed"] and config["epochs"] == 1
@@ -182,8 +201,9 @@ def test_a_multirun_sweep_writes_one_complete_run_directory_per_job(capsys, tmp_
 
 # ----------------------------------------------------------------------------------------- the config
 def test_cfg_job_prints_the_composed_config_without_training(capsys, tmp_path):
-    status, out, _ = in_process(capsys, "train", "strategy=finetune", "epochs=3", f"hydra.run.dir={tmp_path / 'run'}",
-                                "--cfg", "job")  # fmt: skip
+    status, out, _ = in_process(
+        capsys, "train", "strategy=finetune", "epochs=3", f"hydra.run.dir={tmp_path / 'run'}", "--cfg", "job"
+    )
     assert status == 0
     config = yaml.safe_load(out)
     assert config["strategy"]["_target_"] == "incr_cli.strategies.finetune.Finetune"
@@ -200,8 +220,15 @@ def test_adding_replay_batch_size_with_a_plus_is_accepted(capsys, tmp_path):
 def test_removing_a_key_with_a_tilde_falls_back_to_the_class_default(capsys, tmp_path):
     # (Hydra 1.3 treats a null value as an absent key, so the tilde is shown on a key with a value.)
     run = tmp_path / "run"
-    status, _, err = in_process(capsys, "train", "~strategy.memory.selection", "dataset.n_tasks=1", "epochs=1",
-                                "progress=false", f"hydra.run.dir={run}")  # fmt: skip
+    status, _, err = in_process(
+        capsys,
+        "train",
+        "~strategy.memory.selection",
+        "dataset.n_tasks=1",
+        "epochs=1",
+        "progress=false",
+        f"hydra.run.dir={run}",
+    )
     assert status == 0, err
     assert (
         "selection" not in yaml.safe_load((run / ".hydra" / "config.yaml").read_text())["strategy"]["memory"]
@@ -209,16 +236,23 @@ def test_removing_a_key_with_a_tilde_falls_back_to_the_class_default(capsys, tmp
 
 
 def test_a_key_can_be_removed_then_added_back(capsys, tmp_path):
-    status, out, err = in_process(capsys, "train", "~strategy.memory.selection",
-                                  "+strategy.memory.selection=class_balanced", "--cfg", "job")  # fmt: skip
+    status, out, err = in_process(
+        capsys,
+        "train",
+        "~strategy.memory.selection",
+        "+strategy.memory.selection=class_balanced",
+        "--cfg",
+        "job",
+    )
     assert status == 0, err
     assert yaml.safe_load(out)["strategy"]["memory"]["selection"] == "class_balanced"
 
 
 def test_a_strategy_knob_its_class_refuses_is_a_one_line_error_before_training(capsys, tmp_path):
     run = tmp_path / "run"
-    status, _, err = in_process(capsys, "train", "strategy=gem", "strategy.patterns_per_task=0",
-                                f"hydra.run.dir={run}")  # fmt: skip
+    status, _, err = in_process(
+        capsys, "train", "strategy=gem", "strategy.patterns_per_task=0", f"hydra.run.dir={run}"
+    )
     assert status == 2
     assert err.strip() == "error: strategy: patterns_per_task must be at least 1, got 0"
     assert not run.exists()

@@ -69,8 +69,18 @@ def one_line_error(capsys) -> str:
 def test_a_dataset_added_from_outside_the_package_trains(tmp_path, monkeypatch):
     searchpath = add_dataset(tmp_path, monkeypatch, YAML)
     run = tmp_path / "run"
-    status = main(["train", searchpath, "dataset=squares", "debug=quick", "strategy=finetune", "hardware=cpu",
-                   f"hydra.run.dir={run}", "progress=false"])  # fmt: skip
+    status = main(
+        [
+            "train",
+            searchpath,
+            "dataset=squares",
+            "debug=quick",
+            "strategy=finetune",
+            "hardware=cpu",
+            f"hydra.run.dir={run}",
+            "progress=false",
+        ]
+    )
     assert status == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["run"]["status"] == "finished"
@@ -109,9 +119,12 @@ def test_an_unknown_dataset_lists_the_valid_ones(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "name, module, function",
-    [("digits", "digits", "load_digits"), ("cifar100", "cifar", "load_cifar100"),
-     ("permuted_mnist", "mnist", "load_mnist")],  # permuted_mnist builds on mnist.yaml
-)  # fmt: skip
+    [
+        ("digits", "digits", "load_digits"),
+        ("cifar100", "cifar", "load_cifar100"),
+        ("permuted_mnist", "mnist", "load_mnist"),
+    ],  # permuted_mnist builds on mnist.yaml
+)
 def test_a_name_alone_finds_the_built_in_loader(name, module, function):
     """Callers that give only a name (and configs saved before data sets named their loader) get the YAML's."""
     import importlib

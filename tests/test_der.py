@@ -47,8 +47,15 @@ def tiny_setup(strategy, head_rows, seen: int, tasks: list[list[int]], train_x=N
     model.head.future_weight.copy_(torch.tensor(head_rows, dtype=torch.float32))
     model.head.future_bias.zero_()
     model.head.grow(seen)
-    dataset = OmegaConf.create({"input_shape": [1, 1, 2], "normalize": False, "mean": [0.0], "std": [1.0],
-                                "augment": {"crop_padding": 0, "horizontal_flip": False, "rotation_degrees": 0.0}})  # fmt: skip
+    dataset = OmegaConf.create(
+        {
+            "input_shape": [1, 1, 2],
+            "normalize": False,
+            "mean": [0.0],
+            "std": [1.0],
+            "augment": {"crop_padding": 0, "horizontal_flip": False, "rotation_degrees": 0.0},
+        }
+    )
     train_x = torch.zeros(0, 1, 1, 2, dtype=torch.uint8) if train_x is None else train_x
     train_y = torch.zeros(0, dtype=torch.long) if train_y is None else train_y
     empty = torch.zeros(0, dtype=torch.long)
@@ -56,11 +63,28 @@ def tiny_setup(strategy, head_rows, seen: int, tasks: list[list[int]], train_x=N
         Task(i, classes, torch.nonzero(torch.isin(train_y, torch.tensor(classes))).flatten(), empty, empty)
         for i, classes in enumerate(tasks)
     ]
-    stream = Stream(train_x, train_y, train_x[:0], empty, stream_tasks, list(range(n_classes)),
-                    [str(c) for c in range(n_classes)], max_value=1)  # fmt: skip
+    stream = Stream(
+        train_x,
+        train_y,
+        train_x[:0],
+        empty,
+        stream_tasks,
+        list(range(n_classes)),
+        [str(c) for c in range(n_classes)],
+        max_value=1,
+    )
     rng = torch.Generator().manual_seed(0)
-    context = Context(model, stream, Preprocess(dataset, 1, torch.device("cpu")), rng, torch.device("cpu"),
-                      lambda p: torch.optim.SGD(p, lr=0.1), batch_size=2, epochs=1, seed=0)  # fmt: skip
+    context = Context(
+        model,
+        stream,
+        Preprocess(dataset, 1, torch.device("cpu")),
+        rng,
+        torch.device("cpu"),
+        lambda p: torch.optim.SGD(p, lr=0.1),
+        batch_size=2,
+        epochs=1,
+        seed=0,
+    )
     strategy.setup(context)
     return strategy
 
@@ -134,9 +158,13 @@ def test_der_stores_each_batch_after_its_step_with_the_logits_it_was_trained_wit
 
 
 def test_implanted_logits_stay_below_gamma_times_the_true_class_logit_by_hand():
-    stored = torch.tensor([[2.0, 1.0, 0.0, 0.0],  # true class 0 (logit 2); implant 6, 2 -> too high
-                           [0.5, 3.0, 0.0, 0.0],  # true class 1 (logit 3); implant 1, 2 -> below: kept as is
-                           [-1.0, 0.0, 5.0, 5.0]])  # true class 0 (logit -1): no scale can help, unchanged  # fmt: skip
+    stored = torch.tensor(
+        [
+            [2.0, 1.0, 0.0, 0.0],  # true class 0 (logit 2); implant 6, 2 -> too high
+            [0.5, 3.0, 0.0, 0.0],  # true class 1 (logit 3); implant 1, 2 -> below: kept as is
+            [-1.0, 0.0, 5.0, 5.0],
+        ]
+    )  # true class 0 (logit -1): no scale can help, unchanged
     fresh = torch.tensor([[9.0, 9.0, 6.0, 2.0], [9.0, 9.0, 1.0, 2.0], [9.0, 9.0, 4.0, 1.0]])
     updated = implant_logits(stored, fresh, torch.tensor([0, 1, 0]), slice(2, None), gamma=0.85)
     # row 0: scale 0.85 * 2 / 6 = 0.28333 -> (1.7, 0.56667), whose maximum is 0.85 x the true-class logit
@@ -154,9 +182,13 @@ def test_past_margin_constraint_by_hand():
 
 def test_future_margin_constraint_by_hand():
     # classes 0, 1 are the samples' own task, 2 and 3 the future; raw logits, margin 0.7
-    logits = torch.tensor([[0.0, 3.0, 1.0, 2.5],  # 2.5 + 0.7 - 3 = 0.2, violated
-                           [1.0, 0.0, 2.0, 0.0],  # 2 + 0.7 - 1 = 1.7, violated
-                           [5.0, 0.0, 0.0, 0.0]])  # 0 + 0.7 - 5 < 0, left out of the mean  # fmt: skip
+    logits = torch.tensor(
+        [
+            [0.0, 3.0, 1.0, 2.5],  # 2.5 + 0.7 - 3 = 0.2, violated
+            [1.0, 0.0, 2.0, 0.0],  # 2 + 0.7 - 1 = 1.7, violated
+            [5.0, 0.0, 0.0, 0.0],
+        ]
+    )  # 0 + 0.7 - 5 < 0, left out of the mean
     own = torch.tensor([[True, True, False, False]] * 3)
     assert future_margin_violation(logits, own, future=2, margin=0.7).item() == pytest.approx(0.95, rel=1e-6)
 
@@ -219,16 +251,18 @@ def test_xder_task_end_fills_the_memory_and_rewrites_stored_logits_by_hand():
         xder.model.head.weight[2:] = torch.tensor([[3.0, 0.0], [0.0, 2.0]])
     xder.after_task(xder.stream.tasks[1])
     assert memory.y.tolist() == [0, 1, 2, 3]  # one slot per class: the old samples first, then the new ones
-    expected = torch.tensor([
-        # a: now (2, 1, 6, 2); classes 2, 3 implanted, scaled by 0.85 * 2 / 6 below its stored true logit 2
-        [2.0, 1.0, 6 * 0.85 * 2 / 6, 2 * 0.85 * 2 / 6],
-        # b: now (0, 3, 0, 6); scaled by 0.85 * 3 / 6
-        [0.0, 3.0, 0.0, 6 * 0.85 * 3 / 6],
-        # c: (1, 1, 3, 2); its past classes (1, 1) are below its true logit 3: stored as computed
-        [1.0, 1.0, 3.0, 2.0],
-        # d: (3, 1, 9, 2); its past classes (3, 1) exceed its true logit 2: scaled by 0.85 * 2 / 3
-        [3 * 0.85 * 2 / 3, 1 * 0.85 * 2 / 3, 9.0, 2.0],
-    ])  # fmt: skip
+    expected = torch.tensor(
+        [
+            # a: now (2, 1, 6, 2); classes 2, 3 implanted, scaled by 0.85 * 2 / 6 below its stored true logit 2
+            [2.0, 1.0, 6 * 0.85 * 2 / 6, 2 * 0.85 * 2 / 6],
+            # b: now (0, 3, 0, 6); scaled by 0.85 * 3 / 6
+            [0.0, 3.0, 0.0, 6 * 0.85 * 3 / 6],
+            # c: (1, 1, 3, 2); its past classes (1, 1) are below its true logit 3: stored as computed
+            [1.0, 1.0, 3.0, 2.0],
+            # d: (3, 1, 9, 2); its past classes (3, 1) exceed its true logit 2: scaled by 0.85 * 2 / 3
+            [3 * 0.85 * 2 / 3, 1 * 0.85 * 2 / 3, 9.0, 2.0],
+        ]
+    )
     torch.testing.assert_close(memory.extras["logits"], expected)
 
     # while a later task trains, a replayed sample of an older task is rewritten on its first replay
@@ -312,8 +346,14 @@ def test_der_in_one_pass_over_fashion_mnist_ends_far_above_finetuning(tmp_path):
     # SGD at 0.03 without momentum. Here on half of each task's images (the other half held out as
     # dataset.val_fraction), 600 steps per task; the figures on all of them are in docs/reproducibility.md.
     # (On the 8x8 digits, 29 steps per task are too few for the logit term.)
-    settings = ["dataset=fashion_mnist", f"data.root={tmp_path / 'data'}", "dataset.val_fraction=0.5",
-                "train.online=true", "hardware=cpu", "seed=0"]  # fmt: skip
+    settings = [
+        "dataset=fashion_mnist",
+        f"data.root={tmp_path / 'data'}",
+        "dataset.val_fraction=0.5",
+        "train.online=true",
+        "hardware=cpu",
+        "seed=0",
+    ]
     der = run_experiment(tmp_path / "der", ["strategy=der", *settings])
     finetune = run_experiment(tmp_path / "finetune", ["strategy=finetune", *settings])
     assert final_accuracy(finetune) < 0.25  # the last task only

@@ -56,14 +56,30 @@ class ScaledPixels(nn.Module):
 def tiny_der(aux_weight: float = 1.0, **options) -> DynamicallyExpandableRepresentation:
     """DER set up on a ScaledPixels extractor, 3 classes in 2 tasks ([0, 1], [2]), the head grown to 3."""
     model = IncrementalNet(ScaledPixels(), 3)
-    dataset = OmegaConf.create({"input_shape": [1, 1, 2], "normalize": False, "mean": [0.0], "std": [1.0],
-                                "augment": {"crop_padding": 0, "horizontal_flip": False, "rotation_degrees": 0.0}})  # fmt: skip
+    dataset = OmegaConf.create(
+        {
+            "input_shape": [1, 1, 2],
+            "normalize": False,
+            "mean": [0.0],
+            "std": [1.0],
+            "augment": {"crop_padding": 0, "horizontal_flip": False, "rotation_degrees": 0.0},
+        }
+    )
     empty = torch.zeros(0, dtype=torch.long)
     tasks = [Task(0, [0, 1], empty, empty, empty), Task(1, [2], empty, empty, empty)]
     train_x = torch.zeros(0, 1, 1, 2, dtype=torch.uint8)
     stream = Stream(train_x, empty, train_x, empty, tasks, [0, 1, 2], ["0", "1", "2"], max_value=1)
-    context = Context(model, stream, Preprocess(dataset, 1, torch.device("cpu")), torch.Generator().manual_seed(0),
-                      torch.device("cpu"), lambda p: torch.optim.SGD(p, lr=0.1), batch_size=2, epochs=1, seed=0)  # fmt: skip
+    context = Context(
+        model,
+        stream,
+        Preprocess(dataset, 1, torch.device("cpu")),
+        torch.Generator().manual_seed(0),
+        torch.device("cpu"),
+        lambda p: torch.optim.SGD(p, lr=0.1),
+        batch_size=2,
+        epochs=1,
+        seed=0,
+    )
     strategy = DynamicallyExpandableRepresentation(
         Memory(size=0, selection="herding"), aux_weight=aux_weight, **options
     )
@@ -155,8 +171,15 @@ def der_with_memory(**options) -> DynamicallyExpandableRepresentation:
     2 per old class: task 2's training set is 2 samples per class, which the balanced subset keeps whole."""
     torch.manual_seed(0)
     model = IncrementalNet(ScaledPixels(), 3)
-    dataset = OmegaConf.create({"input_shape": [1, 1, 2], "normalize": False, "mean": [0.0], "std": [1.0],
-                                "augment": {"crop_padding": 0, "horizontal_flip": False, "rotation_degrees": 0.0}})  # fmt: skip
+    dataset = OmegaConf.create(
+        {
+            "input_shape": [1, 1, 2],
+            "normalize": False,
+            "mean": [0.0],
+            "std": [1.0],
+            "augment": {"crop_padding": 0, "horizontal_flip": False, "rotation_degrees": 0.0},
+        }
+    )
     train_y = torch.tensor([0] * 8 + [1] * 8 + [2] * 2)
     train_x = torch.randint(0, 3, (18, 1, 1, 2), dtype=torch.uint8)
     empty = torch.zeros(0, dtype=torch.long)
@@ -165,8 +188,17 @@ def der_with_memory(**options) -> DynamicallyExpandableRepresentation:
         Task(1, [2], torch.arange(16, 18), empty, empty),
     ]
     stream = Stream(train_x, train_y, train_x, train_y, tasks, [0, 1, 2], ["0", "1", "2"], max_value=2)
-    context = Context(model, stream, Preprocess(dataset, 2, torch.device("cpu")), torch.Generator().manual_seed(0),
-                      torch.device("cpu"), lambda p: torch.optim.SGD(p, lr=0.1), batch_size=64, epochs=1, seed=0)  # fmt: skip
+    context = Context(
+        model,
+        stream,
+        Preprocess(dataset, 2, torch.device("cpu")),
+        torch.Generator().manual_seed(0),
+        torch.device("cpu"),
+        lambda p: torch.optim.SGD(p, lr=0.1),
+        batch_size=64,
+        epochs=1,
+        seed=0,
+    )
     strategy = DynamicallyExpandableRepresentation(Memory(size=4, selection="class_balanced"), **options)
     strategy.setup(context)
     model.head.grow(2)
@@ -200,9 +232,16 @@ def test_classifier_relearn_trains_a_fresh_head_alone_by_temperature_scaled_ce()
     def record(optimizer, args, kwargs):
         group = optimizer.param_groups[0]
         (weight,) = group["params"]
-        steps.append({"lr": group["lr"], "momentum": group["momentum"], "weight_decay": group["weight_decay"],
-                      "weight": weight.detach().clone(), "grad": weight.grad.detach().clone(),
-                      "is_head": weight is model.head.weight})  # fmt: skip
+        steps.append(
+            {
+                "lr": group["lr"],
+                "momentum": group["momentum"],
+                "weight_decay": group["weight_decay"],
+                "weight": weight.detach().clone(),
+                "grad": weight.grad.detach().clone(),
+                "is_head": weight is model.head.weight,
+            }
+        )
 
     handle = register_optimizer_step_pre_hook(record)
     try:

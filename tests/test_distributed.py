@@ -18,8 +18,17 @@ SETTINGS = ["strategy=finetune", "epochs=2", "progress=false"]
 def torchrun(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("INCR_FAULT", None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "incr_cli", "train", *args]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "incr_cli",
+        "train",
+        *args,
+    ]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -59,9 +68,20 @@ def test_a_strategy_with_per_batch_state_is_refused_under_ddp(tmp_path, monkeypa
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
     result = subprocess.run(
-        [sys.executable, "-m", "incr_cli", "train", "hardware=ddp", "strategy=der", f"hydra.run.dir={tmp_path}/r"],
-        capture_output=True, text=True, timeout=120, env={**os.environ},
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "incr_cli",
+            "train",
+            "hardware=ddp",
+            "strategy=der",
+            f"hydra.run.dir={tmp_path}/r",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ},
+    )
     assert result.returncode == 2
     assert "DarkExperienceReplay does not run under hardware=ddp yet; strategies that do: " in result.stderr
     assert "finetune" in result.stderr and "replay" in result.stderr

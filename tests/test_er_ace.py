@@ -50,9 +50,14 @@ def tiny_er_ace(memory_size: int = 10) -> tuple[ERACE, torch.nn.Linear]:
     model = torch.nn.Linear(2, 4, bias=False)
     with torch.no_grad():
         model.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]]))
-    context = SimpleNamespace(model=model, stream=SimpleNamespace(n_classes=4), device=torch.device("cpu"),
-                              rng=torch.Generator().manual_seed(0), preprocess=lambda x, generator=None: x.float(),
-                              scenario="class_il")  # fmt: skip
+    context = SimpleNamespace(
+        model=model,
+        stream=SimpleNamespace(n_classes=4),
+        device=torch.device("cpu"),
+        rng=torch.Generator().manual_seed(0),
+        preprocess=lambda x, generator=None: x.float(),
+        scenario="class_il",
+    )
     strategy = ERACE(Memory(memory_size), replay_batch_size=1, classifier="linear", head="growing")
     strategy.setup(context)
     strategy.seen[:2] = True
@@ -95,9 +100,14 @@ def cosine_er_ace(**options) -> ERACE:
         model.head.future_weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
         model.head.future_bias.fill_(5.0)  # a cosine classifier has no bias: this must not show
     model.head.grow(1)
-    context = SimpleNamespace(model=model, stream=SimpleNamespace(n_classes=3), device=torch.device("cpu"),
-                              rng=torch.Generator().manual_seed(0), preprocess=lambda x, generator=None: x.float(),
-                              scenario="class_il")  # fmt: skip
+    context = SimpleNamespace(
+        model=model,
+        stream=SimpleNamespace(n_classes=3),
+        device=torch.device("cpu"),
+        rng=torch.Generator().manual_seed(0),
+        preprocess=lambda x, generator=None: x.float(),
+        scenario="class_il",
+    )
     strategy = ERACE(Memory(10), replay_batch_size=1, **options)
     strategy.setup(context)
     strategy.before_task(SimpleNamespace(id=0, train_index=torch.arange(4)))
@@ -131,8 +141,10 @@ def test_the_memory_is_filled_online_once_per_sample():
     strategy.to_offer = 4  # the task has four samples: only the first epoch offers them
     # an engine half that never updates the model: only the memory changes
     runner = SimpleNamespace(autocast=nullcontext, backward=lambda loss: False)
-    batches = [Batch(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), torch.tensor([2, 3, 2])),
-               Batch(torch.tensor([[2.0, 0.0], [0.0, 2.0]]), torch.tensor([3, 2]))]  # fmt: skip
+    batches = [
+        Batch(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), torch.tensor([2, 3, 2])),
+        Batch(torch.tensor([[2.0, 0.0], [0.0, 2.0]]), torch.tensor([3, 2])),
+    ]
     strategy.training_step(batches[0], runner)
     assert len(strategy.memory) == 3 and strategy.to_offer == 1
     strategy.training_step(batches[1], runner)  # only the first of its two samples is new

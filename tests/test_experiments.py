@@ -71,14 +71,29 @@ def test_der_paper_derpp_row_is_its_buffer_500_setting():
 
 # Mammoth utils/best_args.py, best_args['seq-cifar10']: the learning rate of every row.
 DER_PAPER_LR = {
-    "finetune": 0.1, "online_ewc": 0.03, "si": 0.03, "lwf": 0.01,
-    "replay_200": 0.1, "replay_500": 0.1, "replay_5120": 0.1,
-    "der_200": 0.03, "der_500": 0.03, "der_5120": 0.03,
-    "derpp_200": 0.03, "derpp_500": 0.03, "derpp_5120": 0.03,
-    "agem_200": 0.03, "agem_500": 0.03, "agem_5120": 0.03,
-    "gem_200": 0.03, "gem_500": 0.03, "gem_5120": 0.03,
-    "icarl_200": 0.1, "icarl_500": 0.1, "icarl_5120": 0.03,
-}  # fmt: skip
+    "finetune": 0.1,
+    "online_ewc": 0.03,
+    "si": 0.03,
+    "lwf": 0.01,
+    "replay_200": 0.1,
+    "replay_500": 0.1,
+    "replay_5120": 0.1,
+    "der_200": 0.03,
+    "der_500": 0.03,
+    "der_5120": 0.03,
+    "derpp_200": 0.03,
+    "derpp_500": 0.03,
+    "derpp_5120": 0.03,
+    "agem_200": 0.03,
+    "agem_500": 0.03,
+    "agem_5120": 0.03,
+    "gem_200": 0.03,
+    "gem_500": 0.03,
+    "gem_5120": 0.03,
+    "icarl_200": 0.1,
+    "icarl_500": 0.1,
+    "icarl_5120": 0.03,
+}
 
 
 @pytest.mark.parametrize("row", sorted(DER_PAPER_LR))

@@ -100,8 +100,15 @@ def tiny_foster(**options) -> FeatureBoostingAndCompression:
     per epoch; the run's optimizer (SGD lr 0.05, weight decay 5e-4) is not the compression's."""
     torch.manual_seed(0)
     model = IncrementalNet(TinyExtractor(), 4)
-    dataset = OmegaConf.create({"input_shape": [1, 1, 2], "normalize": False, "mean": [0.0], "std": [1.0],
-                                "augment": {"crop_padding": 0, "horizontal_flip": False, "rotation_degrees": 0.0}})  # fmt: skip
+    dataset = OmegaConf.create(
+        {
+            "input_shape": [1, 1, 2],
+            "normalize": False,
+            "mean": [0.0],
+            "std": [1.0],
+            "augment": {"crop_padding": 0, "horizontal_flip": False, "rotation_degrees": 0.0},
+        }
+    )
     train_y = torch.arange(4).repeat_interleave(8)
     train_x = torch.randint(0, 2, (32, 1, 1, 2), dtype=torch.uint8)
     empty = torch.zeros(0, dtype=torch.long)
@@ -113,8 +120,17 @@ def tiny_foster(**options) -> FeatureBoostingAndCompression:
         train_x, train_y, train_x, train_y, tasks, [0, 1, 2, 3], ["0", "1", "2", "3"], max_value=1
     )
     run_optimizer = lambda p: torch.optim.SGD(p, lr=0.05, weight_decay=5e-4)  # noqa: E731
-    context = Context(model, stream, Preprocess(dataset, 1, torch.device("cpu")), torch.Generator().manual_seed(0),
-                      torch.device("cpu"), run_optimizer, batch_size=64, epochs=1, seed=0)  # fmt: skip
+    context = Context(
+        model,
+        stream,
+        Preprocess(dataset, 1, torch.device("cpu")),
+        torch.Generator().manual_seed(0),
+        torch.device("cpu"),
+        run_optimizer,
+        batch_size=64,
+        epochs=1,
+        seed=0,
+    )
     strategy = FeatureBoostingAndCompression(Memory(size=0, selection="herding"), **options)
     strategy.setup(context)
     model.head.grow(2)

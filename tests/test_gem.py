@@ -140,8 +140,12 @@ def memory_losses(run: Run) -> torch.Tensor:
     xs = strategy.memory_x if isinstance(strategy.memory_x, list) else [strategy.memory_x]
     ys = strategy.memory_y if isinstance(strategy.memory_y, list) else [strategy.memory_y]
     with torch.no_grad():
-        return torch.stack([torch.nn.functional.cross_entropy(run.model(run.preprocess(x)), y)
-                            for x, y in zip(xs, ys, strict=True)])  # fmt: skip
+        return torch.stack(
+            [
+                torch.nn.functional.cross_entropy(run.model(run.preprocess(x)), y)
+                for x, y in zip(xs, ys, strict=True)
+            ]
+        )
 
 
 def change_after_one_step(run: Run, batch: Batch, step, lr: float) -> torch.Tensor:
@@ -179,8 +183,16 @@ def test_gem_remembers_what_finetune_forgets_on_digits(tmp_path):
 @pytest.mark.parametrize("strategy", ["gem", "agem"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])  # float16 adds the GradScaler
 def test_mixed_precision_runs_end_to_end(tmp_path, strategy, dtype):
-    metrics = run_experiment(tmp_path, [f"strategy={strategy}", "epochs=1", "hardware=amp",
-                                        f"hardware.amp_dtype={dtype}", "dataset.n_tasks=2"])  # fmt: skip
+    metrics = run_experiment(
+        tmp_path,
+        [
+            f"strategy={strategy}",
+            "epochs=1",
+            "hardware=amp",
+            f"hardware.amp_dtype={dtype}",
+            "dataset.n_tasks=2",
+        ],
+    )
     assert metrics["run"]["status"] == "finished"
     assert 0.0 < final_accuracy(metrics) <= 1.0
 

@@ -41,9 +41,13 @@ def test_sigmoid_classification_and_distillation_loss_by_hand():
     old_logits = torch.tensor([[ln3, 0.0], [-ln3, ln3]])
     labels = torch.tensor([2, 0])
     terms = [
-        -(0.75 * math.log(0.75) + 0.25 * math.log(0.25)), math.log(2), math.log(4 / 3),
-        -(0.25 * math.log(0.75) + 0.75 * math.log(0.25)), math.log(2), math.log(2),
-    ]  # fmt: skip
+        -(0.75 * math.log(0.75) + 0.25 * math.log(0.25)),
+        math.log(2),
+        math.log(4 / 3),
+        -(0.25 * math.log(0.75) + 0.75 * math.log(0.25)),
+        math.log(2),
+        math.log(2),
+    ]
     assert icarl_loss(logits, labels, old_logits).item() == pytest.approx(sum(terms) / 6, rel=1e-6)
     # Without a previous network every class takes its one-hot target: class 0 costs -ln(1/4) = ln 4 for
     # sample 1 and -ln(3/4) = ln 4/3 for sample 2; class 1's g = 1/2 costs ln 2 whatever the target.
@@ -78,8 +82,11 @@ def test_bce_reductions_by_hand():
     # ln 4/3, ln 2. mean_all (the authors' code, Mammoth, Avalanche): the mean of the six terms; mean_seen:
     # the four terms of classes 0 and 1, mean; sum_seen (the paper's sum per sample): those four / 2 samples.
     seen = [math.log(4 / 3), math.log(2), math.log(2), math.log(4 / 3)]
-    expected = {"mean_all": (sum(seen) + 2 * math.log(2)) / 6, "mean_seen": sum(seen) / 4,
-                "sum_seen": sum(seen) / 2}  # fmt: skip
+    expected = {
+        "mean_all": (sum(seen) + 2 * math.log(2)) / 6,
+        "mean_seen": sum(seen) / 4,
+        "sum_seen": sum(seen) / 2,
+    }
     batch = Batch(torch.tensor([[1, 0], [0, 1]], dtype=torch.uint8).reshape(2, 1, 1, 2), torch.tensor([0, 1]))
     for reduction, value in expected.items():
         icarl = ICaRL(Memory(10, "herding"), bce_reduction=reduction)
@@ -106,8 +113,9 @@ def test_old_classes_and_pycil_loss_with_a_full_head():
     assert icarl.old_model is not None
     # loss=ce_kd (PyCIL): the head grows with the classes, softmax CE over them plus KD on the old ones
     logits, labels, old_logits, ce, kd = ce_kd_by_hand()
-    icarl = two_pixel_icarl(ICaRL(Memory(10, "herding"), loss="ce_kd"), [(1, 0), (0, 1), (1, 1)], [0, 1, 2],
-                            [[0, 1], [2]])  # fmt: skip
+    icarl = two_pixel_icarl(
+        ICaRL(Memory(10, "herding"), loss="ce_kd"), [(1, 0), (0, 1), (1, 1)], [0, 1, 2], [[0, 1], [2]]
+    )
     icarl.before_task(icarl.stream.tasks[0])
     with torch.no_grad():  # the previous network: class 0 scores 2 ln 3 * pixel 1
         icarl.model.head.weight.copy_(torch.tensor([[2 * math.log(3), 0.0], [0.0, 0.0]]))
@@ -214,8 +222,10 @@ def test_nearest_mean_classifier_beats_icarls_own_linear_head_on_old_classes_on_
 
     assert old_classes_accuracy(nme) > old_classes_accuracy(linear) + 0.1
     # the classifier only changes evaluation: both runs trained the same network
-    weights = [torch.load(tmp_path / run / "checkpoints" / "last.pt", weights_only=True)["model"]
-               for run in ("nme", "linear")]  # fmt: skip
+    weights = [
+        torch.load(tmp_path / run / "checkpoints" / "last.pt", weights_only=True)["model"]
+        for run in ("nme", "linear")
+    ]
     assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
 
 

@@ -75,9 +75,17 @@ def load(folder: Path, data_root: Path, *overrides: str):
 
 
 # the digits recipe (MLP), not image_folder's ResNet-18 for photos, and no crop or flip on digits
-DIGIT_RUN = ["dataset=image_folder", "recipe=digits", "dataset.augment.crop_padding=0",
-             "dataset.augment.horizontal_flip=false", "dataset.image_size=12", "dataset.channels=1",
-             "dataset.n_tasks=3", "strategy=replay", "epochs=5"]  # fmt: skip
+DIGIT_RUN = [
+    "dataset=image_folder",
+    "recipe=digits",
+    "dataset.augment.crop_padding=0",
+    "dataset.augment.horizontal_flip=false",
+    "dataset.image_size=12",
+    "dataset.channels=1",
+    "dataset.n_tasks=3",
+    "strategy=replay",
+    "epochs=5",
+]
 
 
 @pytest.fixture(scope="module")
@@ -153,8 +161,16 @@ def test_a_finished_image_folder_run_resumes_as_finished(digit_run):
 
 
 def test_on_bad_file_stop_refuses_the_empty_class_folder_before_anything_runs(digit_run, tmp_path, capsys):
-    status = main(["train", *DIGIT_RUN, f"dataset.folder={digit_run['folder']}", "dataset.on_bad_file=stop",
-                   f"data.root={tmp_path / 'data'}", f"hydra.run.dir={tmp_path / 'run'}"])  # fmt: skip
+    status = main(
+        [
+            "train",
+            *DIGIT_RUN,
+            f"dataset.folder={digit_run['folder']}",
+            "dataset.on_bad_file=stop",
+            f"data.root={tmp_path / 'data'}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ]
+    )
     assert status == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert (
@@ -178,9 +194,18 @@ def test_on_bad_file_stop_exits_2_before_training_naming_the_file(
     folder_with_a_broken_file, tmp_path, capsys
 ):
     with pytest.raises(SystemExit) as stopped:
-        main(["train", "dataset=image_folder", f"dataset.folder={folder_with_a_broken_file}", "dataset.n_tasks=1",
-              "dataset.on_bad_file=stop", "progress=false", f"data.root={tmp_path / 'data'}",
-              f"hydra.run.dir={tmp_path / 'run'}"])  # fmt: skip
+        main(
+            [
+                "train",
+                "dataset=image_folder",
+                f"dataset.folder={folder_with_a_broken_file}",
+                "dataset.n_tasks=1",
+                "dataset.on_bad_file=stop",
+                "progress=false",
+                f"data.root={tmp_path / 'data'}",
+                f"hydra.run.dir={tmp_path / 'run'}",
+            ]
+        )
     assert stopped.value.code == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("error: ") and str(folder_with_a_broken_file / "dog" / "truncated.jpg") in line
@@ -292,8 +317,12 @@ def test_a_folder_over_memory_map_gb_trains_from_disk_to_the_same_numbers(digit_
     # in the cache and read from disk through memory maps, and the run must equal the in-memory one.
     from incr_cli.data.image_folder import _cache_path, check_image_folder, load_image_folder
 
-    settings = [*DIGIT_RUN, f"dataset.folder={digit_run['folder']}", f"data.root={tmp_path / 'data'}",
-                "dataset.memory_map_gb=0"]  # fmt: skip
+    settings = [
+        *DIGIT_RUN,
+        f"dataset.folder={digit_run['folder']}",
+        f"data.root={tmp_path / 'data'}",
+        "dataset.memory_map_gb=0",
+    ]
     metrics = run_experiment(tmp_path / "run", settings)
     cached = sorted(p.name.split(".", 1)[1] for p in (tmp_path / "data" / ".incr-cache").iterdir())
     assert cached == ["pt", "test.npy", "train.npy"]  # the splits on disk, beside the cache's metadata

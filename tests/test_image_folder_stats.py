@@ -47,8 +47,15 @@ def by_hand(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def folder_dataset(folder: Path, data_root: Path, *overrides: str):
-    cfg = compose_config(["dataset=image_folder", f"dataset.folder={folder}", f"data.root={data_root}",
-                          "dataset.image_size=null", *overrides])  # fmt: skip
+    cfg = compose_config(
+        [
+            "dataset=image_folder",
+            f"dataset.folder={folder}",
+            f"data.root={data_root}",
+            "dataset.image_size=null",
+            *overrides,
+        ]
+    )
     return cfg.dataset, cfg.data
 
 
@@ -146,8 +153,13 @@ def test_domain_folders_are_normalised_over_every_domains_training_images(tmp_pa
     for i, image in enumerate(second):  # the second domain darker
         name = "a" if i < 4 else "b"
         Image.fromarray(image).save(tmp_path / "domains" / "b" / "train" / name / f"{i % 4}.png")
-    dataset, data = folder_dataset(tmp_path / "domains", tmp_path / "data", "dataset.scenario=domain_il",
-                                   "dataset.domains=folders", "dataset.n_tasks=2")  # fmt: skip
+    dataset, data = folder_dataset(
+        tmp_path / "domains",
+        tmp_path / "data",
+        "dataset.scenario=domain_il",
+        "dataset.domains=folders",
+        "dataset.n_tasks=2",
+    )
     load_source("image_folder", data, dataset)
     mean, std = by_hand(np.concatenate([first, second]))
     np.testing.assert_allclose(list(dataset.mean), mean, rtol=1e-12)
@@ -163,9 +175,18 @@ def test_null_mean_is_refused_for_a_data_set_that_cannot_compute_it():
 def test_eval_and_predict_normalise_as_training_did(folder, tmp_path, capsys):
     root, training = folder
     run_dir = tmp_path / "run"
-    metrics = run_experiment(run_dir, ["dataset=image_folder", f"dataset.folder={root}", "dataset.image_size=null",
-                                       "dataset.n_tasks=2", f"data.root={tmp_path / 'data'}", "debug=quick",
-                                       "hardware=cpu"])  # fmt: skip
+    metrics = run_experiment(
+        run_dir,
+        [
+            "dataset=image_folder",
+            f"dataset.folder={root}",
+            "dataset.image_size=null",
+            "dataset.n_tasks=2",
+            f"data.root={tmp_path / 'data'}",
+            "debug=quick",
+            "hardware=cpu",
+        ],
+    )
     mean, std = by_hand(training)
     assert "normalisation computed from the 8 training images" in (run_dir / "train.log").read_text()
     saved = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["config"]["dataset"]

@@ -110,9 +110,17 @@ def test_predict_on_images_written_from_the_test_set_gives_the_labels_of_eval(
     truth = torch.tensor([int(p.parent.name) for p in paths])
     prediction = torch.tensor([predicted[p.name] for p in paths])
     out = tmp_path / "eval.json"
-    status, _, err = in_process(capsys, "eval", str(runs["replay"]), "dataset=image_folder",
-                                f"dataset.folder={folder}", "dataset.n_tasks=2", f"data.root={tmp_path / 'data'}",
-                                "--out", str(out))  # fmt: skip
+    status, _, err = in_process(
+        capsys,
+        "eval",
+        str(runs["replay"]),
+        "dataset=image_folder",
+        f"dataset.folder={folder}",
+        "dataset.n_tasks=2",
+        f"data.root={tmp_path / 'data'}",
+        "--out",
+        str(out),
+    )
     assert status == 0, err
     result = json.loads(out.read_text())
     confusion = torch.zeros(10, 10, dtype=torch.long)
@@ -324,8 +332,11 @@ def test_bad_input_is_one_line_and_exit_status_2(runs, tmp_path, capsys):
 
 def test_onnx_without_its_packages_says_what_to_install(runs, monkeypatch, capsys):
     real = inference.importlib.util.find_spec
-    monkeypatch.setattr(inference.importlib.util, "find_spec",
-                        lambda name, *a: None if name in ("onnx", "onnxscript") else real(name, *a))  # fmt: skip
+    monkeypatch.setattr(
+        inference.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name in ("onnx", "onnxscript") else real(name, *a),
+    )
     status, _, err = in_process(capsys, "export", str(runs["replay"]), "--format", "onnx")
     assert status == 2
     assert "pip install onnx onnxscript" in assert_one_line_error(err)

@@ -22,9 +22,19 @@ from incr_cli.data.sources import load_source
 
 CLASSES = 6  # digits 0-5 in three tasks: (0, 1), (2, 3), (4, 5)
 # the digits recipe (MLP) on 8x8 grayscale, no crop or flip: a run of a few seconds
-FOLDER_RUN = ["dataset=image_folder", "recipe=digits", "dataset.augment.crop_padding=0",
-              "dataset.augment.horizontal_flip=false", "dataset.image_size=8", "dataset.channels=1",
-              "dataset.n_tasks=3", "strategy=replay", "epochs=2", "hardware=cpu", "seed=0"]  # fmt: skip
+FOLDER_RUN = [
+    "dataset=image_folder",
+    "recipe=digits",
+    "dataset.augment.crop_padding=0",
+    "dataset.augment.horizontal_flip=false",
+    "dataset.image_size=8",
+    "dataset.channels=1",
+    "dataset.n_tasks=3",
+    "strategy=replay",
+    "epochs=2",
+    "hardware=cpu",
+    "seed=0",
+]
 
 
 def digit_images() -> tuple[np.ndarray, np.ndarray]:
@@ -95,8 +105,9 @@ def test_eval_scores_every_image_of_a_new_folder_in_the_runs_tasks(run, tmp_path
     chosen = np.flatnonzero(np.isin(labels, [1, 4, 5]))[::3]
     paths = write_folder(tmp_path / "new", images[chosen], labels[chosen])
     out = tmp_path / "eval.json"
-    status, stdout, err = in_process(capsys, "eval", run["dir"], "dataset=image_folder",
-                                     f"dataset.folder={tmp_path / 'new'}", "--out", out)  # fmt: skip
+    status, stdout, err = in_process(
+        capsys, "eval", run["dir"], "dataset=image_folder", f"dataset.folder={tmp_path / 'new'}", "--out", out
+    )
     assert status == 0, err
     result = json.loads(out.read_text())
     assert result["split"] == "folder" and result["images"] == len(paths)
@@ -121,8 +132,17 @@ def test_eval_scores_every_image_of_a_new_folder_in_the_runs_tasks(run, tmp_path
 def test_the_runs_own_test_split_stays_available_with_split_test(run, tmp_path, capsys):
     """--split test on the run's own folder holds out what training held out: the run's own last row."""
     out = tmp_path / "eval.json"
-    status, _, err = in_process(capsys, "eval", run["dir"], f"dataset.folder={run['folder']}", "--split", "test",
-                                f"data.root={run['data']}", "--out", out)  # fmt: skip
+    status, _, err = in_process(
+        capsys,
+        "eval",
+        run["dir"],
+        f"dataset.folder={run['folder']}",
+        "--split",
+        "test",
+        f"data.root={run['data']}",
+        "--out",
+        out,
+    )
     assert status == 0, err
     result, metrics = json.loads(out.read_text()), json.loads((run["dir"] / "metrics.json").read_text())
     assert result["split"] == "test"
@@ -154,8 +174,9 @@ def test_eval_refuses_overrides_a_folder_scored_whole_would_ignore(run, tmp_path
     assert "cut into the run's own tasks (dataset.n_tasks=3)" in one_line_error(
         capsys, "eval", run["dir"], *good, "dataset.n_tasks=2"
     )
-    assert "--split folder scores an image folder" in one_line_error(capsys, "eval", run["dir"], "dataset=digits",
-                                                                       "--split", "folder")  # fmt: skip
+    assert "--split folder scores an image folder" in one_line_error(
+        capsys, "eval", run["dir"], "dataset=digits", "--split", "folder"
+    )
     # the run's own value is no change: accepted
     status, _, err = in_process(capsys, "eval", run["dir"], *good, "dataset.n_tasks=3")
     assert status == 0, err
@@ -197,8 +218,16 @@ def test_training_folders_and_predict_read_16_bit_and_palette_files_alike(tmp_pa
             (Image.fromarray(pixels * 257) if i % 2 else Image.fromarray(images[i], "L").convert("P")).save(
                 path
             )
-    cfg = compose_config(["dataset=image_folder", f"dataset.folder={folder}", f"data.root={tmp_path / 'data'}",
-                          "dataset.image_size=8", "dataset.channels=1", "dataset.n_tasks=1"])  # fmt: skip
+    cfg = compose_config(
+        [
+            "dataset=image_folder",
+            f"dataset.folder={folder}",
+            f"data.root={tmp_path / 'data'}",
+            "dataset.image_size=8",
+            "dataset.channels=1",
+            "dataset.n_tasks=1",
+        ]
+    )
     source = load_source("image_folder", cfg.data, cfg.dataset)
     files = sorted((folder / "test").rglob("*.png"), key=lambda p: (p.parent.name, p.name))
     read, kept, skipped = inference.read_images(files, (1, 8, 8))
@@ -235,8 +264,12 @@ def test_predict_says_what_a_file_that_is_no_checkpoint_is(run, tmp_path, capsys
     onnx.write_bytes(b"\x08\x08\x12\x07pytorch\x1a\x032.0:")  # an ONNX file begins with its ir_version field
     status, _, err = in_process(capsys, "export", run["dir"], "--out", tmp_path / "model.torchscript")
     assert status == 0, err
-    for path, kind in ((onnx, "an ONNX model"), (run["dir"] / "metrics.json", "a JSON file"),
-                       (tmp_path / "model.torchscript", "a TorchScript model"), (image, "an image")):  # fmt: skip
+    for path, kind in (
+        (onnx, "an ONNX model"),
+        (run["dir"] / "metrics.json", "a JSON file"),
+        (tmp_path / "model.torchscript", "a TorchScript model"),
+        (image, "an image"),
+    ):
         line = one_line_error(capsys, "predict", path, image)
         assert f"{path} is not a usable incr checkpoint: it is {kind}" in line
         assert "run directory's checkpoints/*.pt" in line
@@ -284,8 +317,10 @@ def test_a_read_only_out_folder_is_refused_naming_it(run, tmp_path, capsys, monk
 def test_an_out_folder_receives_model_dot_format(run, tmp_path, capsys):
     existing = tmp_path / "exports"
     existing.mkdir()
-    for given, written in ((str(existing), existing / "model.torchscript"),
-                           (f"{tmp_path / 'new'}/", tmp_path / "new" / "model.torchscript")):  # fmt: skip
+    for given, written in (
+        (str(existing), existing / "model.torchscript"),
+        (f"{tmp_path / 'new'}/", tmp_path / "new" / "model.torchscript"),
+    ):
         status, out, err = in_process(capsys, "export", run["dir"], "--out", given)
         assert status == 0, err
         assert str(written) in out and written.is_file()

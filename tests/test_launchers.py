@@ -28,17 +28,28 @@ def log_interval(run_dir) -> tuple[datetime.datetime, datetime.datetime]:
 @pytest.mark.slow
 def test_joblib_runs_a_four_job_sweep_in_parallel_and_resumes_it(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
-    sweep = ["train", "-m", "strategy=finetune,replay", "seed=0,1", *TINY, "epochs=6",
-             "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={tmp_path}"]  # fmt: skip
+    sweep = [
+        "train",
+        "-m",
+        "strategy=finetune,replay",
+        "seed=0,1",
+        *TINY,
+        "epochs=6",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        f"hydra.sweep.dir={tmp_path}",
+    ]
     result = incr(*sweep)
     assert result.returncode == 0, result.stderr[-2000:]
     runs = sorted(p for p in tmp_path.iterdir() if (p / "metrics.json").is_file())
     assert len(runs) == 4
     intervals = [log_interval(run) for run in runs]
     overlapping = [
-        (a, b) for a in range(4) for b in range(a + 1, 4)
+        (a, b)
+        for a in range(4)
+        for b in range(a + 1, 4)
         if intervals[a][0] < intervals[b][1] and intervals[b][0] < intervals[a][1]
-    ]  # fmt: skip
+    ]
     assert overlapping, f"no two jobs ran at the same time: {intervals}"
     finished = {run.name: json.loads((run / "metrics.json").read_text()) for run in runs}
     assert all(m["run"]["status"] == "finished" for m in finished.values())
@@ -52,8 +63,15 @@ def test_joblib_runs_a_four_job_sweep_in_parallel_and_resumes_it(tmp_path):
 
 def test_the_slurm_launcher_config_composes_without_a_cluster():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    result = incr("train", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.timeout_min=600",
-                  "hydra.launcher.gpus_per_node=2", "--cfg", "hydra")  # fmt: skip
+    result = incr(
+        "train",
+        "hydra/launcher=slurm",
+        "hydra.launcher.partition=gpu",
+        "hydra.launcher.timeout_min=600",
+        "hydra.launcher.gpus_per_node=2",
+        "--cfg",
+        "hydra",
+    )
     assert result.returncode == 0, result.stderr
     launcher = yaml.safe_load(result.stdout)["hydra"]["launcher"]
     assert launcher["_target_"].endswith("submitit_launcher.SlurmLauncher")

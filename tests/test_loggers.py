@@ -23,8 +23,13 @@ def test_csv_scalars_match_the_metrics(tmp_path):
     losses = [r for r in rows if r["name"] == "epoch/loss"]
     # digits, 2 tasks of 5 classes: 719 training images per task, batch 32 -> 23 steps per epoch
     assert [(int(r["task"]), int(r["epoch"]), int(r["step"])) for r in losses] == [
-        (1, 1, 23), (1, 2, 46), (1, 3, 69), (2, 1, 92), (2, 2, 115), (2, 3, 138),
-    ]  # fmt: skip
+        (1, 1, 23),
+        (1, 2, 46),
+        (1, 3, 69),
+        (2, 1, 92),
+        (2, 2, 115),
+        (2, 3, 138),
+    ]
     first_task = [float(r["value"]) for r in losses[:3]]
     assert first_task[2] < first_task[0]  # training lowers the loss
     accuracy = [float(r["value"]) for r in rows if r["name"] == "task/class_il/average_accuracy"]
@@ -38,10 +43,16 @@ def test_a_resumed_run_logs_the_same_rows(tmp_path):
     # task 1 is steps 1-69: step 80 is inside task 2, epoch 1, so the epoch loss so far must be checkpointed
     assert_resumes_exactly(tmp_path, [*SETTINGS[:2], "logger=csv"], fault="step:80:SIGTERM")
     expected, resumed = read_scalars(tmp_path / "uninterrupted"), read_scalars(tmp_path / "interrupted")
-    drop_speed = [(r["step"], r["task"], r["epoch"], r["name"], r["value"]) for r in expected
-                  if r["name"] != "epoch/samples_per_second"]  # fmt: skip
-    assert [(r["step"], r["task"], r["epoch"], r["name"], r["value"]) for r in resumed
-            if r["name"] != "epoch/samples_per_second"] == drop_speed  # fmt: skip
+    drop_speed = [
+        (r["step"], r["task"], r["epoch"], r["name"], r["value"])
+        for r in expected
+        if r["name"] != "epoch/samples_per_second"
+    ]
+    assert [
+        (r["step"], r["task"], r["epoch"], r["name"], r["value"])
+        for r in resumed
+        if r["name"] != "epoch/samples_per_second"
+    ] == drop_speed
     assert len(resumed) == len(expected)  # nothing logged twice
 
 

@@ -36,14 +36,21 @@ class Identity(nn.Module):
     embedding_before_activation = forward  # no activation to leave out
 
 
-TWO_PIXELS = {"input_shape": [2, 1, 1], "normalize": False, "mean": [0.0], "std": [1.0],
-              "augment": {"crop_padding": 0, "horizontal_flip": False, "rotation_degrees": 0.0}}  # fmt: skip
+TWO_PIXELS = {
+    "input_shape": [2, 1, 1],
+    "normalize": False,
+    "mean": [0.0],
+    "std": [1.0],
+    "augment": {"crop_padding": 0, "horizontal_flip": False, "rotation_degrees": 0.0},
+}
 
 
 def two_tasks_of_two_pixels() -> Stream:
     """Classes 0 and 1 (task 1) and class 2 (task 2), four 1x1x2 images each, pixel values up to 10."""
-    x = torch.tensor([[9, 1], [8, 2], [9, 3], [7, 1], [1, 9], [2, 8], [3, 9], [1, 7],
-                      [6, 6], [5, 7], [7, 5], [6, 5]], dtype=torch.uint8).view(12, 2, 1, 1)  # fmt: skip
+    x = torch.tensor(
+        [[9, 1], [8, 2], [9, 3], [7, 1], [1, 9], [2, 8], [3, 9], [1, 7], [6, 6], [5, 7], [7, 5], [6, 5]],
+        dtype=torch.uint8,
+    ).view(12, 2, 1, 1)
     y = torch.arange(3).repeat_interleave(4)
     empty = torch.zeros(0, dtype=torch.long)
     tasks = [Task(0, [0, 1], torch.arange(8), empty, empty), Task(1, [2], torch.arange(8, 12), empty, empty)]
@@ -56,9 +63,19 @@ def lucir_after_first_task(**options) -> LUCIR:
     stream = two_tasks_of_two_pixels()
     model = IncrementalNet(Identity(), 3)
     lucir = LUCIR(Memory(size=4, selection="herding"), **options)
-    lucir.setup(Context(model, stream, Preprocess(OmegaConf.create(TWO_PIXELS), 10, torch.device("cpu")),
-                        torch.Generator().manual_seed(0), torch.device("cpu"), torch.optim.SGD, batch_size=4,
-                        epochs=1, seed=0))  # fmt: skip
+    lucir.setup(
+        Context(
+            model,
+            stream,
+            Preprocess(OmegaConf.create(TWO_PIXELS), 10, torch.device("cpu")),
+            torch.Generator().manual_seed(0),
+            torch.device("cpu"),
+            torch.optim.SGD,
+            batch_size=4,
+            epochs=1,
+            seed=0,
+        )
+    )
     for task in stream.tasks:
         model.head.grow(task.classes[-1] + 1)
         lucir.before_task(task)
@@ -69,8 +86,13 @@ def lucir_after_first_task(**options) -> LUCIR:
 
 def sgd_step(strategy, optimizer: torch.optim.Optimizer, batch: Batch) -> None:
     """One engine training step, full precision on the CPU."""
-    runner = StepRunner(optimizer, torch.amp.GradScaler("cpu", enabled=False),
-                                Hardware(torch.device("cpu"), None), "stop", lambda: "here")  # fmt: skip
+    runner = StepRunner(
+        optimizer,
+        torch.amp.GradScaler("cpu", enabled=False),
+        Hardware(torch.device("cpu"), None),
+        "stop",
+        lambda: "here",
+    )
     strategy.training_step(batch, runner)
 
 
@@ -147,14 +169,32 @@ def lucir_on_two_pixels(sigma: float, total_classes: int = 3) -> LUCIR:
     """LUCIR set up on an identity backbone over two pixels, two of `total_classes` classes seen."""
     model = IncrementalNet(Identity(), total_classes)
     model.head.grow(2)
-    dataset = OmegaConf.create({"input_shape": [2, 1, 1], "normalize": False, "mean": [0.0], "std": [1.0],
-                                "augment": {"crop_padding": 0, "horizontal_flip": False, "rotation_degrees": 0.0}})  # fmt: skip
+    dataset = OmegaConf.create(
+        {
+            "input_shape": [2, 1, 1],
+            "normalize": False,
+            "mean": [0.0],
+            "std": [1.0],
+            "augment": {"crop_padding": 0, "horizontal_flip": False, "rotation_degrees": 0.0},
+        }
+    )
     empty = torch.zeros(0, dtype=torch.long)
     labels = list(range(total_classes))
     stream = Stream(empty, empty, empty, empty, [], labels, [str(c) for c in labels], max_value=1)
     lucir = LUCIR(Memory(size=0), sigma=sigma)
-    lucir.setup(Context(model, stream, Preprocess(dataset, 1, torch.device("cpu")), torch.Generator(),
-                        torch.device("cpu"), torch.optim.SGD, batch_size=1, epochs=1, seed=0))  # fmt: skip
+    lucir.setup(
+        Context(
+            model,
+            stream,
+            Preprocess(dataset, 1, torch.device("cpu")),
+            torch.Generator(),
+            torch.device("cpu"),
+            torch.optim.SGD,
+            batch_size=1,
+            epochs=1,
+            seed=0,
+        )
+    )
     return lucir
 
 

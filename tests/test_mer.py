@@ -38,8 +38,15 @@ def tiny_mer(beta: float, gamma: float, batches_per_example: int = 1) -> MER:
     rng = torch.Generator().manual_seed(0)
     memory = Memory(size=1)
     memory.add(torch.ones(1, 1), torch.zeros(1, dtype=torch.long), rng)
-    mer = MER(memory, lr=math.log(3) / 2, beta=beta, gamma=gamma, batches_per_example=batches_per_example,
-              replay_batches=1, replay_batch_size=1)  # fmt: skip
+    mer = MER(
+        memory,
+        lr=math.log(3) / 2,
+        beta=beta,
+        gamma=gamma,
+        batches_per_example=batches_per_example,
+        replay_batches=1,
+        replay_batch_size=1,
+    )
     mer.setup(
         Context(model, None, lambda x, generator=None: x.float(), rng, torch.device("cpu"), None, 1, 1, 0)
     )
@@ -119,8 +126,15 @@ def test_mer_remembers_what_finetune_forgets_on_digits(tmp_path):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])  # float16 adds the GradScaler: unscale, then step
 def test_mer_trains_under_mixed_precision(tmp_path, dtype):
-    overrides = ["strategy=mer", "hardware=amp", f"hardware.amp_dtype={dtype}", "debug=quick",
-                 "strategy.batches_per_example=2", "strategy.replay_batches=2", "strategy.beta=1.0"]  # fmt: skip
+    overrides = [
+        "strategy=mer",
+        "hardware=amp",
+        f"hardware.amp_dtype={dtype}",
+        "debug=quick",
+        "strategy.batches_per_example=2",
+        "strategy.replay_batches=2",
+        "strategy.beta=1.0",
+    ]
     metrics = run_experiment(tmp_path / "amp", overrides)
     accuracy = metrics["class_il"]["average_accuracy"]
     assert metrics["run"]["status"] == "finished"

@@ -84,12 +84,22 @@ def test_torch_refusals_name_the_key_of_an_optimizer_without_a_yaml(capsys, tmp_
 
 
 def test_a_scheduler_without_a_yaml_is_checked_by_torch_and_by_stepping_it(capsys, tmp_path):
-    line = one_line_error(capsys, tmp_path, ["+scheduler._target_=torch.optim.lr_scheduler.LinearLR",
-                                             "+scheduler.start_factor=2"])  # fmt: skip
+    line = one_line_error(
+        capsys,
+        tmp_path,
+        ["+scheduler._target_=torch.optim.lr_scheduler.LinearLR", "+scheduler.start_factor=2"],
+    )
     assert line.startswith("error: scheduler.start_factor=2 is refused by LinearLR (")
     # nothing in torch refuses a negative base learning rate: stepping the schedule finds it
-    line = one_line_error(capsys, tmp_path, ["+scheduler._target_=torch.optim.lr_scheduler.CyclicLR",
-                                             "+scheduler.base_lr=-1", "+scheduler.max_lr=0.1"])  # fmt: skip
+    line = one_line_error(
+        capsys,
+        tmp_path,
+        [
+            "+scheduler._target_=torch.optim.lr_scheduler.CyclicLR",
+            "+scheduler.base_lr=-1",
+            "+scheduler.max_lr=0.1",
+        ],
+    )
     assert "scheduler.base_lr=-1" in line and "the learning rate becomes -" in line
     # the engine steps a scheduler once per epoch with no argument
     line = one_line_error(

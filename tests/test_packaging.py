@@ -28,9 +28,22 @@ def wheel(tmp_path_factory) -> Path:
         shutil.copytree(REPOSITORY / folder, source / folder, ignore=ignore)
     out = tmp_path_factory.mktemp("wheelhouse")
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(source)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(out),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     (built,) = out.glob("incr-*.whl")
     return built
@@ -80,8 +93,13 @@ def test_the_unpacked_wheel_finds_its_packaged_configs(wheel, tmp_path):
     assert Path(module).is_relative_to(tmp_path)  # the unpacked copy, not the editable checkout
     assert Path(configs) == tmp_path / "incr_cli" / "configs"
     # the packaged config tree composes: `incr train --cfg job` from the unpacked wheel
-    shown = subprocess.run([sys.executable, "-m", "incr_cli", "train", "strategy=joint", "--cfg", "job"],
-                           capture_output=True, text=True, env=env, cwd=tmp_path)  # fmt: skip
+    shown = subprocess.run(
+        [sys.executable, "-m", "incr_cli", "train", "strategy=joint", "--cfg", "job"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert shown.returncode == 0, shown.stderr
     assert "_target_: incr_cli.strategies.joint.Joint" in shown.stdout
 

@@ -95,20 +95,39 @@ def test_pod_spatial_takes_the_last_resnet_stage_before_its_relu():
 def podnet_after_first_task(**options) -> PODNet:
     """PODNet on a 2-4 MLP over 1x1x2 images: classes 0 and 1, then class 2, four images each; its first task
     ended (a herding memory of 4 filled) and its second begun."""
-    x = torch.tensor([[9, 1], [8, 2], [9, 3], [7, 1], [1, 9], [2, 8], [3, 9], [1, 7],
-                      [6, 6], [5, 7], [7, 5], [6, 5]], dtype=torch.uint8).view(12, 2, 1, 1)  # fmt: skip
+    x = torch.tensor(
+        [[9, 1], [8, 2], [9, 3], [7, 1], [1, 9], [2, 8], [3, 9], [1, 7], [6, 6], [5, 7], [7, 5], [6, 5]],
+        dtype=torch.uint8,
+    ).view(12, 2, 1, 1)
     y = torch.arange(3).repeat_interleave(4)
     empty = torch.zeros(0, dtype=torch.long)
     tasks = [Task(0, [0, 1], torch.arange(8), empty, empty), Task(1, [2], torch.arange(8, 12), empty, empty)]
     stream = Stream(x, y, x[:0], empty, tasks, [0, 1, 2], ["0", "1", "2"], max_value=10)
-    dataset = OmegaConf.create({"input_shape": [2, 1, 1], "normalize": False, "mean": [0.0], "std": [1.0],
-                                "augment": {"crop_padding": 0, "horizontal_flip": False, "rotation_degrees": 0.0}})  # fmt: skip
+    dataset = OmegaConf.create(
+        {
+            "input_shape": [2, 1, 1],
+            "normalize": False,
+            "mean": [0.0],
+            "std": [1.0],
+            "augment": {"crop_padding": 0, "horizontal_flip": False, "rotation_degrees": 0.0},
+        }
+    )
     torch.manual_seed(0)
     model = IncrementalNet(MLP((2, 1, 1), [4, 4]), 3)
     podnet = PODNet(Memory(size=4, selection="herding"), proxies_per_class=2, **options)
-    podnet.setup(Context(model, stream, Preprocess(dataset, 10, torch.device("cpu")),
-                         torch.Generator().manual_seed(0), torch.device("cpu"), torch.optim.SGD, batch_size=4,
-                         epochs=1, seed=0))  # fmt: skip
+    podnet.setup(
+        Context(
+            model,
+            stream,
+            Preprocess(dataset, 10, torch.device("cpu")),
+            torch.Generator().manual_seed(0),
+            torch.device("cpu"),
+            torch.optim.SGD,
+            batch_size=4,
+            epochs=1,
+            seed=0,
+        )
+    )
     for task in stream.tasks:
         model.head.grow(task.classes[-1] + 1)
         podnet.before_task(task)
@@ -125,8 +144,13 @@ def test_old_proxies_stay_frozen_while_new_proxies_train():
     before = proxies.detach().clone()
     backbone = [p.detach().clone() for p in podnet.model.backbone.parameters()]
     optimizer = torch.optim.SGD(podnet.model.parameters(), lr=0.5, momentum=0.9, weight_decay=0.1)
-    runner = StepRunner(optimizer, torch.amp.GradScaler("cpu", enabled=False),
-                                Hardware(torch.device("cpu"), None), "stop", lambda: "here")  # fmt: skip
+    runner = StepRunner(
+        optimizer,
+        torch.amp.GradScaler("cpu", enabled=False),
+        Hardware(torch.device("cpu"), None),
+        "stop",
+        lambda: "here",
+    )
     rows = podnet.training_indices(stream.tasks[1])
     for _ in range(2):
         podnet.training_step(Batch(stream.train_x[rows], stream.train_y[rows]), runner)
@@ -159,8 +183,18 @@ def run_recording_finetuning(
 
     monkeypatch.setattr(strategy, "loss", recording_loss)
     monkeypatch.setattr(strategy, "balanced_finetuning", recording_finetuning)
-    run_experiment(tmp_path, [f"strategy={name}", "strategy.memory.size=50", f"strategy.finetune_epochs={epochs}",
-                              "dataset.n_tasks=2", "epochs=1", "hardware=cpu", *overrides])  # fmt: skip
+    run_experiment(
+        tmp_path,
+        [
+            f"strategy={name}",
+            "strategy.memory.size=50",
+            f"strategy.finetune_epochs={epochs}",
+            "dataset.n_tasks=2",
+            "epochs=1",
+            "hardware=cpu",
+            *overrides,
+        ],
+    )
     return calls, torch.cat(seen)
 
 
@@ -216,8 +250,17 @@ def test_pod_terms_keep_old_tasks_on_digits(tmp_path):
 def test_podnet_trains_a_convnet_under_mixed_precision(tmp_path):
     # A ConvNet's stages are 2-d maps, pooled over their widths and heights. 4 epochs: from eta = 1 the NCA
     # loss learns slowly, and with 1 epoch the second task was not learned (fp32 too: 0.35 accuracy).
-    metrics = run_experiment(tmp_path / "run", ["strategy=podnet", "hardware=amp", "epochs=4", "dataset.n_tasks=2",
-                                                "model=convnet", "model.input_size=8"])  # fmt: skip
+    metrics = run_experiment(
+        tmp_path / "run",
+        [
+            "strategy=podnet",
+            "hardware=amp",
+            "epochs=4",
+            "dataset.n_tasks=2",
+            "model=convnet",
+            "model.input_size=8",
+        ],
+    )
     assert metrics["run"]["status"] == "finished"
     assert min(row[i] for i, row in enumerate(metrics["class_il"]["accuracy_matrix"])) > 0.8
 

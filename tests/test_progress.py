@@ -31,8 +31,18 @@ def test_finished_bars_show_their_total(tmp_path, monkeypatch):
     monkeypatch.setattr(console_module, "Progress", RecordingProgress)
     monkeypatch.setattr(engine.Run, "evaluate", evaluate_and_record)
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # bars are drawn on a terminal only
-    status = main(["train", "strategy=finetune", "dataset.n_tasks=2", "epochs=2", "hardware=cpu",
-                   "hardware.num_threads=1", "progress=true", f"hydra.run.dir={tmp_path / 'run'}"])  # fmt: skip
+    status = main(
+        [
+            "train",
+            "strategy=finetune",
+            "dataset.n_tasks=2",
+            "epochs=2",
+            "hardware=cpu",
+            "hardware.num_threads=1",
+            "progress=true",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ]
+    )
     assert status == 0
     assert len(seen_at_evaluation) == 2
     for task, (tasks_bar, epochs_bar, batches_bar) in enumerate(seen_at_evaluation):

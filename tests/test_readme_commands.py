@@ -311,18 +311,34 @@ def test_a_home_path_reaches_the_config_expanded(written, at_home, home, capsys)
 
 def test_home_is_expanded_only_where_it_is_a_path(monkeypatch):
     monkeypatch.setenv("HOME", "/home/ada lovelace")
-    assert expand_home(["dataset.folder=~/photos", "~strategy.memory", "~hydra/launcher", "--out=~/r.json",
-                        "~/runs/x", "data.root=${oc.env:HOME}/d", "data.root=$HOMEDIR", "seed=0,1"]) == [
-        "dataset.folder=/home/ada lovelace/photos", "~strategy.memory", "~hydra/launcher",
-        "--out=/home/ada lovelace/r.json", "/home/ada lovelace/runs/x", "data.root=${oc.env:HOME}/d",
-        "data.root=$HOMEDIR", "seed=0,1",
-    ]  # fmt: skip
+    assert expand_home(
+        [
+            "dataset.folder=~/photos",
+            "~strategy.memory",
+            "~hydra/launcher",
+            "--out=~/r.json",
+            "~/runs/x",
+            "data.root=${oc.env:HOME}/d",
+            "data.root=$HOMEDIR",
+            "seed=0,1",
+        ]
+    ) == [
+        "dataset.folder=/home/ada lovelace/photos",
+        "~strategy.memory",
+        "~hydra/launcher",
+        "--out=/home/ada lovelace/r.json",
+        "/home/ada lovelace/runs/x",
+        "data.root=${oc.env:HOME}/d",
+        "data.root=$HOMEDIR",
+        "seed=0,1",
+    ]
     # each value of a sweep; a path Hydra's grammar would refuse is quoted, and reads back as the path
     parser = OverridesParser.create()
     sweep = parser.parse_override(expand_home(["data.root=~/a,$HOME/b"])[0])
     assert sweep.is_sweep_override() and sweep.value().list == [
-        "/home/ada lovelace/a", "/home/ada lovelace/b",
-    ]  # fmt: skip
+        "/home/ada lovelace/a",
+        "/home/ada lovelace/b",
+    ]
     for path in ("~/a[1]", "~/x=y", "~/it's", "~/(b)"):
         override = expand_home([f"dataset.folder={path}"])[0]
         expected = "/home/ada lovelace" + path[1:]

@@ -37,8 +37,16 @@ def test_replay_runs_with_the_recipe_of_each_file_dataset(
     monkeypatch.setattr(test_sources, "TEST_PER_CLASS", 2)
     write(tmp_path / "data")
     run_dir = tmp_path / "run"
-    metrics = run_experiment(run_dir, [f"dataset={dataset}", f"data.root={tmp_path / 'data'}", "strategy=replay",
-                                       "epochs=1", "hardware=cpu"])  # fmt: skip
+    metrics = run_experiment(
+        run_dir,
+        [
+            f"dataset={dataset}",
+            f"data.root={tmp_path / 'data'}",
+            "strategy=replay",
+            "epochs=1",
+            "hardware=cpu",
+        ],
+    )
     assert (run_dir / "metrics.json").is_file()
     assert metrics["run"]["status"] == "finished" and metrics["run"]["model"] == model
     config = saved_config(run_dir)
@@ -50,9 +58,17 @@ def test_replay_runs_with_the_recipe_of_each_file_dataset(
 @needs_fashion_mnist
 def test_fashion_mnist_recipe_learns_the_first_task(tmp_path):
     # val_fraction=0.5 trains on half of each task's images (6,000 of task 1's 12,000), for speed
-    metrics = run_experiment(tmp_path / "run", ["dataset=fashion_mnist", "dataset.n_tasks=5", "strategy=finetune",
-                                                "dataset.val_fraction=0.5", f"data.root={tmp_path / 'data'}",
-                                                "hardware=cpu"])  # fmt: skip
+    metrics = run_experiment(
+        tmp_path / "run",
+        [
+            "dataset=fashion_mnist",
+            "dataset.n_tasks=5",
+            "strategy=finetune",
+            "dataset.val_fraction=0.5",
+            f"data.root={tmp_path / 'data'}",
+            "hardware=cpu",
+        ],
+    )
     config = saved_config(tmp_path / "run")
     # the recipe of configs/recipe/mnist.yaml: MLP 100-100, SGD lr 0.03, 1 epoch of batch 10
     assert list(config.model.hidden_sizes) == [100, 100] and config.optimizer.lr == 0.03
@@ -76,9 +92,18 @@ def write_fashion_folder(folder: Path, train_per_class: int = 300, test_per_clas
 @needs_fashion_mnist
 def test_image_folder_recipe_learns_natural_images(tmp_path):
     write_fashion_folder(tmp_path / "images")
-    metrics = run_experiment(tmp_path / "run", ["dataset=image_folder", f"dataset.folder={tmp_path / 'images'}",
-                                                "dataset.n_tasks=1", "epochs=1", "strategy=finetune",
-                                                "hardware=cpu", f"data.root={tmp_path / 'data'}"])  # fmt: skip
+    metrics = run_experiment(
+        tmp_path / "run",
+        [
+            "dataset=image_folder",
+            f"dataset.folder={tmp_path / 'images'}",
+            "dataset.n_tasks=1",
+            "epochs=1",
+            "strategy=finetune",
+            "hardware=cpu",
+            f"data.root={tmp_path / 'data'}",
+        ],
+    )
     config = saved_config(tmp_path / "run")
     assert config.model._target_.endswith("ResNet18") and config.optimizer.lr == 0.01
     assert metrics["tasks"][0]["train_samples"] == 600 and metrics["tasks"][0]["test_samples"] == 200

@@ -47,8 +47,11 @@ def test_choosing_a_data_set_composes_its_recipe(name):
     assert cfg.dataset.name == name.removeprefix("permuted_").removeprefix("rotated_")  # MNIST under domains
     assert OmegaConf.to_container(cfg.model) == {"_target_": target, **model}
     assert OmegaConf.to_container(cfg.optimizer) == {
-        "_target_": SGD, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
-    }  # fmt: skip
+        "_target_": SGD,
+        "lr": lr,
+        "momentum": momentum,
+        "weight_decay": weight_decay,
+    }
     if scheduler is None:
         assert cfg.scheduler is None
     else:
@@ -79,8 +82,11 @@ def test_the_command_line_wins_over_the_recipe():
 def test_another_optimizer_takes_its_own_values_not_the_recipes():
     cfg = compose_config(["dataset=cifar10", "optimizer=adam"])
     assert OmegaConf.to_container(cfg.optimizer) == {
-        "_target_": ADAM, "lr": 0.001, "betas": [0.9, 0.999], "weight_decay": 0.0,
-    }  # fmt: skip
+        "_target_": ADAM,
+        "lr": 0.001,
+        "betas": [0.9, 0.999],
+        "weight_decay": 0.0,
+    }
     check_config(cfg, check_data=False)
 
 

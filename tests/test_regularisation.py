@@ -32,9 +32,13 @@ def setup(strategy, pixels: list[int], labels: list[int], tasks: list[list[int]]
 # ----------------------------------------------------------------------------------------- the maths, by hand
 @pytest.mark.parametrize(
     ("fisher", "batch_size", "weight", "bias"),
-    [("per_sample", 1, 0.625, 0.25), ("per_sample", 2, 0.625, 0.25), ("batch", 1, 0.625, 0.25),
-     ("batch", 2, 0.0625, 0.0)],
-)  # fmt: skip
+    [
+        ("per_sample", 1, 0.625, 0.25),
+        ("per_sample", 2, 0.625, 0.25),
+        ("batch", 1, 0.625, 0.25),
+        ("batch", 2, 0.0625, 0.0),
+    ],
+)
 def test_empirical_fisher_of_a_two_weight_model_on_two_samples_by_hand(fisher, batch_size, weight, bias):
     # Weights 0: p = (1/2, 1/2) and dCE/dlogits = p - onehot(y). Sample x=1, y=0: d/dw = (-1/2, 1/2) * 1,
     # d/db = (-1/2, 1/2). Sample x=2, y=1: d/dw = (1/2, -1/2) * 2 = (1, -1), d/db = (1/2, -1/2).
@@ -58,9 +62,13 @@ def test_empirical_fisher_of_a_two_weight_model_on_two_samples_by_hand(fisher, b
 #                  on row 0, F_w = 25/64; d/db = (1/4 - 3/4) / 2, F_b = 1/16
 @pytest.mark.parametrize(
     ("fisher", "labels", "weight", "bias"),
-    [("per_sample", "empirical", 37 / 32, 5 / 16), ("per_sample", "expected", 15 / 32, 3 / 16),
-     ("per_sample", "empirical_weighted", 39 / 128, 3 / 32), ("batch", "empirical", 25 / 64, 1 / 16)],
-)  # fmt: skip
+    [
+        ("per_sample", "empirical", 37 / 32, 5 / 16),
+        ("per_sample", "expected", 15 / 32, 3 / 16),
+        ("per_sample", "empirical_weighted", 39 / 128, 3 / 32),
+        ("batch", "empirical", 25 / 64, 1 / 16),
+    ],
+)
 def test_fisher_estimators_and_labels_on_a_biased_linear_model_by_hand(fisher, labels, weight, bias):
     ewc = setup(EWC(1.0, fisher=fisher, fisher_labels=labels), [1, 2], [0, 1], [[0, 1]], seen=2, batch_size=2)
     with torch.no_grad():
@@ -264,9 +272,15 @@ def test_curvature_limit_follows_momentum_and_scales_every_task_of_separate_ewc_
     ewc.context.make_optimizer = lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)
     zero = {"head.weight": torch.zeros(2, 1)}
     ewc.penalties = [
-        {"fisher": {"head.bias": torch.tensor([3e5, 1.0]), **zero}, "anchor": {"head.bias": torch.zeros(2), **zero}},
-        {"fisher": {"head.bias": torch.tensor([1e6, 1.0]), **zero}, "anchor": {"head.bias": torch.full((2,), 0.1), **zero}},
-    ]  # fmt: skip
+        {
+            "fisher": {"head.bias": torch.tensor([3e5, 1.0]), **zero},
+            "anchor": {"head.bias": torch.zeros(2), **zero},
+        },
+        {
+            "fisher": {"head.bias": torch.tensor([1e6, 1.0]), **zero},
+            "anchor": {"head.bias": torch.full((2,), 0.1), **zero},
+        },
+    ]
     with torch.no_grad():
         ewc.model.head.bias.fill_(0.3)
     row0 = 2 * 19 * (3 / 13 * 0.3 + 10 / 13 * 0.2)

@@ -24,8 +24,16 @@ def sweep(tmp_path_factory):
     """2 methods x 3 seeds on digits as one Hydra multirun, plus one run stopped by SIGTERM in task 2."""
     root = tmp_path_factory.mktemp("sweep")
     settings = ["epochs=2", "hardware=cpu", "hardware.num_threads=1", "progress=false"]
-    status = main(["train", "-m", f"strategy={','.join(METHODS)}", f"seed={','.join(map(str, SEEDS))}",
-                   *settings, f"hydra.sweep.dir={root / 'multirun'}"])  # fmt: skip
+    status = main(
+        [
+            "train",
+            "-m",
+            f"strategy={','.join(METHODS)}",
+            f"seed={','.join(map(str, SEEDS))}",
+            *settings,
+            f"hydra.sweep.dir={root / 'multirun'}",
+        ]
+    )
     assert status == 0
     # the same strategy on a domain-IL stream of the same data set: a table of its own
     domain = [
@@ -129,8 +137,19 @@ def test_figures_are_valid_png_and_svg(sweep, tmp_path):
 
 def test_task_il_and_column_choice(sweep, tmp_path):
     out = tmp_path / "report"
-    args = ["report", str(sweep / "multirun"), "--out", str(out), "--scenario", "task_il", "--no-figures",
-            "--columns", "final_average_accuracy,wall_seconds", "--sort", "wall_seconds"]  # fmt: skip
+    args = [
+        "report",
+        str(sweep / "multirun"),
+        "--out",
+        str(out),
+        "--scenario",
+        "task_il",
+        "--no-figures",
+        "--columns",
+        "final_average_accuracy,wall_seconds",
+        "--sort",
+        "wall_seconds",
+    ]
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
     for group in report["groups"]:

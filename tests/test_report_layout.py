@@ -21,20 +21,34 @@ def fake_run(run_dir, strategy: str, seed: int, overrides: tuple[str, ...] = (),
     and the command-line overrides under .hydra/, and metrics.json."""
     matrix = [[min(1.0, v + accuracy_shift) for v in row] for row in MATRIX]
     (run_dir / ".hydra").mkdir(parents=True)
-    config = {"seed": seed, "strategy": {"name": strategy}, "dataset": {"name": "digits"}, "epochs": 1,
-              "train": {"online": "train.online=true" in overrides}}  # fmt: skip
+    config = {
+        "seed": seed,
+        "strategy": {"name": strategy},
+        "dataset": {"name": "digits"},
+        "epochs": 1,
+        "train": {"online": "train.online=true" in overrides},
+    }
     (run_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
     (run_dir / ".hydra" / "overrides.yaml").write_text(
         yaml.safe_dump([f"strategy={strategy}", *overrides, f"seed={seed}"])
     )
     run = {
-        "run": {"strategy": strategy, "dataset": "digits", "seed": seed, "status": "finished", "n_tasks": 3,
-                "scenario": "class_il"},
+        "run": {
+            "strategy": strategy,
+            "dataset": "digits",
+            "seed": seed,
+            "status": "finished",
+            "n_tasks": 3,
+            "scenario": "class_il",
+        },
         "class_il": metrics.summarize(matrix, [0.0] * 3) | {"accuracy_matrix": matrix},
         "task_il": metrics.summarize(matrix, [0.5] * 3) | {"accuracy_matrix": matrix},
-        "final": {"f1": 0.5}, "per_task": [{"train_seconds": 1.0, "memory_bytes": 0}],
-        "wall_seconds": 2.0, "model_bytes": 10, "parameters": 3,
-    }  # fmt: skip
+        "final": {"f1": 0.5},
+        "per_task": [{"train_seconds": 1.0, "memory_bytes": 0}],
+        "wall_seconds": 2.0,
+        "model_bytes": 10,
+        "parameters": 3,
+    }
     (run_dir / "metrics.json").write_text(json.dumps(run))
 
 

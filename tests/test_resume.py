@@ -68,8 +68,10 @@ def uninterrupted(tmp_path_factory) -> dict[str, Path]:
 # SIGKILL mid-epoch (step 40 is in task 3), in evaluation, half-way through writing a checkpoint, between
 # two tasks; each time `incr resume` continues from what survived. Finetune, whose only state is the model
 # and optimizer, gets two of the kills.
-KILLS = {"replay": ["step:40", "evaluate:2", "checkpoint_write:3", "task_end:1"],
-         "finetune": ["checkpoint_write:4", "evaluate:3"]}  # fmt: skip
+KILLS = {
+    "replay": ["step:40", "evaluate:2", "checkpoint_write:3", "task_end:1"],
+    "finetune": ["checkpoint_write:4", "evaluate:3"],
+}
 
 
 @pytest.mark.slow
@@ -193,8 +195,16 @@ def test_nonfinite_loss_stops_with_task_epoch_and_step(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_rerunning_a_killed_sweep_with_resume_finishes_it_and_skips_finished_jobs(tmp_path):
-    sweep = ["train", "-m", "strategy=finetune,replay", "epochs=1", "hardware.num_threads=1", "hardware.deterministic=true",
-             "progress=false", f"hydra.sweep.dir={tmp_path}"]  # fmt: skip
+    sweep = [
+        "train",
+        "-m",
+        "strategy=finetune,replay",
+        "epochs=1",
+        "hardware.num_threads=1",
+        "hardware.deterministic=true",
+        "progress=false",
+        f"hydra.sweep.dir={tmp_path}",
+    ]
     killed = incr(*sweep, fault="task_end:2")  # the first job dies after its second task
     assert killed.returncode == -signal.SIGKILL
     jobs = sorted(p for p in tmp_path.iterdir() if p.is_dir())
@@ -214,7 +224,18 @@ def test_rerunning_a_killed_sweep_with_resume_finishes_it_and_skips_finished_job
 
 def test_nonfinite_loss_with_skip_batch_skips_the_batch_and_finishes(tmp_path):
     run_dir = tmp_path / "run"
-    assert main(["train", "optimizer.lr=1e30", "train.on_nonfinite=skip_batch", "epochs=1", "progress=false",
-                 f"hydra.run.dir={run_dir}"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "optimizer.lr=1e30",
+                "train.on_nonfinite=skip_batch",
+                "epochs=1",
+                "progress=false",
+                f"hydra.run.dir={run_dir}",
+            ]
+        )
+        == 0
+    )
     assert "batch skipped" in (run_dir / "train.log").read_text()
     assert json.loads((run_dir / "metrics.json").read_text())["run"]["status"] == "finished"

@@ -35,8 +35,9 @@ def test_rwalk_fisher_and_score_over_two_intervals_by_hand():
     # By symmetry w_0 = b_0 = c and w_1 = b_1 = -c, so the logits are (2c, -2c) and every parameter's
     # cross-entropy gradient has size a = 1 - sigmoid(4c) (-a for class 0's, +a for class 1's). Each step moves
     # c by 0.1 a: the loss change -g * delta theta is 0.1 a^2 and g^2 = a^2 for all four parameters.
-    rwalk, runner = pixel_rwalk(RiemannianWalk(rwalk_lambda=1.0, alpha=0.9, update_every=2, epsilon=0.01),
-                                      [1], [0], [[0, 1]])  # fmt: skip
+    rwalk, runner = pixel_rwalk(
+        RiemannianWalk(rwalk_lambda=1.0, alpha=0.9, update_every=2, epsilon=0.01), [1], [0], [[0, 1]]
+    )
     c, path = 0.0, [0.0]
     a = []
     for _ in range(4):

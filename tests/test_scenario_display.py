@@ -31,8 +31,18 @@ def task_il_run(tmp_path_factory):
     printed = io.StringIO()
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
         patch.setattr(plots, "plot_accuracy_matrix", record)
-        status = main(["train", "strategy=ewc", "dataset.scenario=task_il", "epochs=1", "hardware=cpu",
-                       "hardware.num_threads=1", "progress=false", f"hydra.run.dir={run_dir}"])  # fmt: skip
+        status = main(
+            [
+                "train",
+                "strategy=ewc",
+                "dataset.scenario=task_il",
+                "epochs=1",
+                "hardware=cpu",
+                "hardware.num_threads=1",
+                "progress=false",
+                f"hydra.run.dir={run_dir}",
+            ]
+        )
     assert status == 0
     run_metrics = json.loads((run_dir / "metrics.json").read_text())
     # the point of the test: the two scenarios' figures differ, so showing the wrong one fails

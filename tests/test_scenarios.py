@@ -68,8 +68,10 @@ def test_a_rotated_stream_turns_each_task_by_its_angle():
 
 def test_task_il_masks_the_scores_outside_each_samples_task():
     # 4 classes in 2 tasks of 2: a sample of class 3 (task 2) keeps scores 2 and 3 only.
-    tasks = [Task(0, [0, 1], *[torch.empty(0, dtype=torch.long)] * 3),
-             Task(1, [2, 3], *[torch.empty(0, dtype=torch.long)] * 3)]  # fmt: skip
+    tasks = [
+        Task(0, [0, 1], *[torch.empty(0, dtype=torch.long)] * 3),
+        Task(1, [2, 3], *[torch.empty(0, dtype=torch.long)] * 3),
+    ]
     empty = torch.empty(0)
     strategy = Strategy()
     strategy.stream = Stream(empty, empty, empty, empty, tasks, [0, 1, 2, 3], list("abcd"), 255)
@@ -105,8 +107,10 @@ def test_replay_beats_finetune_in_domain_il_on_digits(tmp_path, domains):
 
 
 def test_online_makes_one_pass_with_a_batch_by_batch_method(tmp_path):
-    metrics = run_experiment(tmp_path / "run", ["strategy=der", "train.online=true", "batch_size=10", "epochs=7",
-                                                "dataset.n_tasks=2", *FAST])  # fmt: skip
+    metrics = run_experiment(
+        tmp_path / "run",
+        ["strategy=der", "train.online=true", "batch_size=10", "epochs=7", "dataset.n_tasks=2", *FAST],
+    )
     assert metrics["run"]["online"] is True
     # one pass: each task's steps are its samples / 10, whatever `epochs` says
     for task, timing in zip(metrics["tasks"], metrics["per_task"], strict=True):
@@ -117,14 +121,25 @@ def test_online_makes_one_pass_with_a_batch_by_batch_method(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["dataset.scenario=domain_il"], "dataset.scenario=domain_il needs dataset.domains: one of permuted, rotated"),
-        (["dataset.scenario=sideways"], "dataset.scenario=sideways is not valid; choose one of: class_il, task_il"),
+        (
+            ["dataset.scenario=domain_il"],
+            "dataset.scenario=domain_il needs dataset.domains: one of permuted, rotated",
+        ),
+        (
+            ["dataset.scenario=sideways"],
+            "dataset.scenario=sideways is not valid; choose one of: class_il, task_il",
+        ),
         (["dataset.domains=permuted"], "dataset.domains=permuted needs dataset.scenario=domain_il"),
-        (["dataset.scenario=domain_il", "dataset.domains=permuted", "strategy=lwf"],
-         "LearningWithoutForgetting is not made for dataset.scenario=domain_il; its scenarios: class_il, task_il"),
-        (["train.online=true", "strategy=replay"], "Replay does not learn online (train.online=true); strategies that do:"),
+        (
+            ["dataset.scenario=domain_il", "dataset.domains=permuted", "strategy=lwf"],
+            "LearningWithoutForgetting is not made for dataset.scenario=domain_il; its scenarios: class_il, task_il",
+        ),
+        (
+            ["train.online=true", "strategy=replay"],
+            "Replay does not learn online (train.online=true); strategies that do:",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_scenario_settings_are_one_line_errors(tmp_path, overrides, message):
     result = incr("train", *overrides, f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode == 2
@@ -143,10 +158,21 @@ def test_folder_domains_make_one_task_per_sub_folder(tmp_path):
             folder.mkdir(parents=True)
             for i, image in enumerate(pixels[source.train_y == label][:60]):
                 Image.fromarray((image[0].numpy().astype("uint8") * 15), "L").save(folder / f"{i}.png")
-    settings = ["dataset=image_folder", "recipe=digits", "dataset.augment.crop_padding=0",
-                "dataset.augment.horizontal_flip=false", f"dataset.folder={tmp_path / 'images'}", "dataset.channels=1",
-                "dataset.image_size=8", "dataset.scenario=domain_il", "dataset.domains=folders",
-                "dataset.n_tasks=2", f"data.root={tmp_path / 'cache'}", "strategy=replay", *FAST]  # fmt: skip
+    settings = [
+        "dataset=image_folder",
+        "recipe=digits",
+        "dataset.augment.crop_padding=0",
+        "dataset.augment.horizontal_flip=false",
+        f"dataset.folder={tmp_path / 'images'}",
+        "dataset.channels=1",
+        "dataset.image_size=8",
+        "dataset.scenario=domain_il",
+        "dataset.domains=folders",
+        "dataset.n_tasks=2",
+        f"data.root={tmp_path / 'cache'}",
+        "strategy=replay",
+        *FAST,
+    ]
     metrics = run_experiment(tmp_path / "run", settings)
     assert [t["classes"] for t in metrics["tasks"]] == [[0, 1, 2, 3], [0, 1, 2, 3]]
     assert [t["test_samples"] for t in metrics["tasks"]] == [48, 48]  # 20% of 60 per class, per domain

@@ -73,12 +73,26 @@ def write_cifar10(root: Path) -> dict[str, np.ndarray]:
     labels = labels_for(TRAIN_PER_CLASS).astype(np.int64)
     data = cifar_rows(len(labels), rng)
     for i, rows in enumerate(np.array_split(np.arange(len(labels)), 5)):
-        write_pickle(folder / f"data_batch_{i + 1}", {"batch_label": f"training batch {i + 1} of 5",
-                     "labels": labels[rows].tolist(), "data": data[rows], "filenames": [f"{r}.png" for r in rows]})  # fmt: skip
+        write_pickle(
+            folder / f"data_batch_{i + 1}",
+            {
+                "batch_label": f"training batch {i + 1} of 5",
+                "labels": labels[rows].tolist(),
+                "data": data[rows],
+                "filenames": [f"{r}.png" for r in rows],
+            },
+        )
     test_labels = labels_for(TEST_PER_CLASS).astype(np.int64)
     test_data = cifar_rows(len(test_labels), rng)
-    write_pickle(folder / "test_batch", {"batch_label": "testing batch 1 of 1", "labels": test_labels.tolist(),
-                                         "data": test_data, "filenames": []})  # fmt: skip
+    write_pickle(
+        folder / "test_batch",
+        {
+            "batch_label": "testing batch 1 of 1",
+            "labels": test_labels.tolist(),
+            "data": test_data,
+            "filenames": [],
+        },
+    )
     names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     write_pickle(folder / "batches.meta", {"num_cases_per_batch": 40, "label_names": names, "num_vis": 3072})
     return {"train_x": data, "train_y": labels, "test_x": test_data, "test_y": test_labels}
@@ -89,10 +103,23 @@ def write_cifar100(root: Path) -> dict[str, np.ndarray]:
     train_y, test_y = labels_for(2, 100).astype(np.int64), labels_for(1, 100).astype(np.int64)
     train_x, test_x = cifar_rows(len(train_y), rng), cifar_rows(len(test_y), rng)
     for name, x, y in (("train", train_x, train_y), ("test", test_x, test_y)):
-        write_pickle(folder / name, {"filenames": [], "batch_label": name, "fine_labels": y.tolist(),
-                                     "coarse_labels": (y // 5).tolist(), "data": x})  # fmt: skip
-    write_pickle(folder / "meta", {"fine_label_names": [f"fine{c}" for c in range(100)],
-                                   "coarse_label_names": [f"coarse{c}" for c in range(20)]})  # fmt: skip
+        write_pickle(
+            folder / name,
+            {
+                "filenames": [],
+                "batch_label": name,
+                "fine_labels": y.tolist(),
+                "coarse_labels": (y // 5).tolist(),
+                "data": x,
+            },
+        )
+    write_pickle(
+        folder / "meta",
+        {
+            "fine_label_names": [f"fine{c}" for c in range(100)],
+            "coarse_label_names": [f"coarse{c}" for c in range(20)],
+        },
+    )
     return {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
 
 
@@ -237,16 +264,26 @@ def assert_complete_tiny_run(metrics: dict, dataset: str, model: str) -> None:
 
 def test_trains_end_to_end_on_cifar10_files_with_the_cifar_cnn(tmp_path):
     write_cifar10(tmp_path / "data")
-    metrics = run_experiment(tmp_path / "run", ["dataset=cifar10", f"data.root={tmp_path / 'data'}", "model=cifar_cnn",
-                                                "epochs=1", "strategy.memory.size=20"])  # fmt: skip
+    metrics = run_experiment(
+        tmp_path / "run",
+        [
+            "dataset=cifar10",
+            f"data.root={tmp_path / 'data'}",
+            "model=cifar_cnn",
+            "epochs=1",
+            "strategy.memory.size=20",
+        ],
+    )
     assert_complete_tiny_run(metrics, "cifar10", "cifar_cnn")
     assert metrics["per_task"][-1]["memory_samples"] == 20
 
 
 def test_trains_end_to_end_on_mnist_files_with_the_convnet(tmp_path):
     write_mnist(tmp_path / "data", gz=True)
-    metrics = run_experiment(tmp_path / "run", ["dataset=mnist", f"data.root={tmp_path / 'data'}", "model=convnet",
-                                                "epochs=1", "strategy=finetune"])  # fmt: skip
+    metrics = run_experiment(
+        tmp_path / "run",
+        ["dataset=mnist", f"data.root={tmp_path / 'data'}", "model=convnet", "epochs=1", "strategy=finetune"],
+    )
     assert_complete_tiny_run(metrics, "mnist", "convnet")
 
 
@@ -255,8 +292,15 @@ def test_synthetic_data_is_cifar_shaped_and_depends_on_its_seed_alone():
 
     from incr_cli.data.synthetic import load_synthetic
 
-    dataset = OmegaConf.create({"num_classes": 5, "input_shape": [3, 32, 32], "train_per_class": 4,
-                                "test_per_class": 2, "generator_seed": 0})  # fmt: skip
+    dataset = OmegaConf.create(
+        {
+            "num_classes": 5,
+            "input_shape": [3, 32, 32],
+            "train_per_class": 4,
+            "test_per_class": 2,
+            "generator_seed": 0,
+        }
+    )
     source = load_synthetic(dataset)
     assert source.train_x.shape == (20, 3, 32, 32) and source.train_x.dtype == torch.uint8
     assert source.train_y.tolist() == [c for c in range(5) for _ in range(4)] and len(source.test_y) == 10

@@ -33,8 +33,17 @@ def strategy_class(name: str):
 
 
 def train(run_dir: Path, strategy: str, overrides: list[str]) -> int:
-    return main(["train", f"hydra.run.dir={run_dir}", "progress=false", "train.on_nonfinite=stop",
-                 f"strategy={strategy}", *CHEAPER.get(strategy, []), *overrides])  # fmt: skip
+    return main(
+        [
+            "train",
+            f"hydra.run.dir={run_dir}",
+            "progress=false",
+            "train.on_nonfinite=stop",
+            f"strategy={strategy}",
+            *CHEAPER.get(strategy, []),
+            *overrides,
+        ]
+    )
 
 
 def assert_trained_finite(run_dir: Path, scenario: str = "class_il") -> None:

@@ -42,7 +42,11 @@ def data_root(tmp_path_factory):
 def test_fashion_mnist(tmp_path, data_root, strategy):
     # The protocol's settings (lr 0.01, batch 128, 2 epochs per task) on a tenth of the training images: the
     # held-out 90% (dataset.val_fraction) is never trained on, and evaluation is on the whole test set.
-    overrides = ["experiment=split_fashion_mnist", "dataset.val_fraction=0.9", f"data.root={data_root}",
-                 *TRUE_LABEL_FISHER.get(strategy, [])]  # fmt: skip
+    overrides = [
+        "experiment=split_fashion_mnist",
+        "dataset.val_fraction=0.9",
+        f"data.root={data_root}",
+        *TRUE_LABEL_FISHER.get(strategy, []),
+    ]
     assert train(tmp_path, strategy, overrides) == 0
     assert_trained_finite(tmp_path)

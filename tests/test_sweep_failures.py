@@ -90,8 +90,15 @@ def test_the_sweep_resumed_with_skip_batch_reruns_only_the_failed_job(failed_swe
     shutil.copytree(failed_sweep[0], folder)
     first, diverged, last = (folder / job for job in JOBS)
     untouched = {job: (job / "metrics.json").read_text() for job in (first, last)}
-    status, stderr = incr_stderr("train", "-m", LEARNING_RATES, *TINY, "resume=true",
-                                 "train.on_nonfinite=skip_batch", f"hydra.sweep.dir={folder}")  # fmt: skip
+    status, stderr = incr_stderr(
+        "train",
+        "-m",
+        LEARNING_RATES,
+        *TINY,
+        "resume=true",
+        "train.on_nonfinite=skip_batch",
+        f"hydra.sweep.dir={folder}",
+    )
     assert status == 0, stderr
     assert metrics(diverged)["run"]["status"] == "finished"
     assert "batch skipped" in (diverged / "train.log").read_text()

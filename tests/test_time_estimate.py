@@ -37,8 +37,14 @@ def runs(tmp_path_factory) -> dict:
     the estimate logged. Batch norm (running statistics), random crops (the run's generator) and SGD with
     momentum (optimizer state) would all differ if the measured steps touched the run's own objects."""
     root = tmp_path_factory.mktemp("estimate")
-    settings = [*QUICK, "model=resnet32", "model.width=2", "dataset.n_tasks=1", "batch_size=64",
-                "dataset.augment.crop_padding=1"]  # fmt: skip
+    settings = [
+        *QUICK,
+        "model=resnet32",
+        "model.width=2",
+        "dataset.n_tasks=1",
+        "batch_size=64",
+        "dataset.augment.crop_padding=1",
+    ]
     with pytest.MonkeyPatch.context() as patch:
 
         def fail(*args, **kwargs):
@@ -66,7 +72,9 @@ def test_a_long_cpu_run_says_so_before_its_first_task(runs):
 def test_the_measurement_leaves_the_run_bit_identical(runs):
     for scenario in ("class_il", "task_il"):
         assert runs["measured"][scenario]["accuracy_matrix"] == runs["plain"][scenario]["accuracy_matrix"]
-    weights = [torch.load(runs["root"] / run / "checkpoints" / "last.pt", weights_only=True)["model"]
-               for run in ("plain", "measured")]  # fmt: skip
+    weights = [
+        torch.load(runs["root"] / run / "checkpoints" / "last.pt", weights_only=True)["model"]
+        for run in ("plain", "measured")
+    ]
     for key, value in weights[0].items():
         assert torch.equal(weights[1][key], value), key

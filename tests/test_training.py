@@ -147,8 +147,17 @@ def test_two_task_finetune_on_digits_reproduces_its_pinned_accuracy_matrix(tmp_p
     that makes it (new initialisation, batch order, loss, data split...); never update them silently.
     Pinned on the CPU (hardware=cpu, so a machine with a GPU runs the same kernels); one thread or two give the
     same numbers."""
-    metrics = run_experiment(tmp_path / "run", ["dataset.n_tasks=2", "epochs=2", "strategy=finetune", "hardware=cpu",
-                                                "hardware.deterministic=true", "seed=0"])  # fmt: skip
+    metrics = run_experiment(
+        tmp_path / "run",
+        [
+            "dataset.n_tasks=2",
+            "epochs=2",
+            "strategy=finetune",
+            "hardware=cpu",
+            "hardware.deterministic=true",
+            "seed=0",
+        ],
+    )
     assert [t["test_samples"] for t in metrics["tasks"]] == [180, 179]
 
     def rounded(matrix):

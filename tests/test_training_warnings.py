@@ -26,8 +26,14 @@ def logged_warnings(run_dir) -> list[str]:
 # ------------------------------------------------------------------ the rules, on a stand-in for the run
 def check(task_il: float, loss: tuple | None, n_classes: int = 2, epochs: int = 10, lr=0.05, online=False):
     """Run.training_warnings for task 2 of a stream whose tasks have `n_classes` classes each."""
-    cfg = OmegaConf.create({"evaluate_on": "test", "optimizer": {"lr": lr}, "dataset": {"normalize": False},
-                            "train": {"online": online}})  # fmt: skip
+    cfg = OmegaConf.create(
+        {
+            "evaluate_on": "test",
+            "optimizer": {"lr": lr},
+            "dataset": {"normalize": False},
+            "train": {"online": online},
+        }
+    )
     run = SimpleNamespace(
         cfg=cfg, epochs=epochs, stream=SimpleNamespace(class_names=[f"c{i}" for i in range(20)])
     )

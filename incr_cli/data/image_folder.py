@@ -102,8 +102,10 @@ def check_image_folder(dataset: DictConfig) -> FolderPlan:
 
     listing = list_folder(root, test_fraction)
     if listing.left_out and on_bad_file == "stop":
-        raise ConfigError(f"class folder {listing.left_out[0]} (dataset.on_bad_file=stop); add images, remove "
-                          "the folder, or set dataset.on_bad_file=skip to leave the class out")  # fmt: skip
+        raise ConfigError(
+            f"class folder {listing.left_out[0]} (dataset.on_bad_file=stop); add images, remove "
+            "the folder, or set dataset.on_bad_file=skip to leave the class out"
+        )
     plan = FolderPlan(
         listing, size or _first_size(listing), size is not None, channels, test_fraction, on_bad_file
     )
@@ -114,13 +116,17 @@ def check_image_folder(dataset: DictConfig) -> FolderPlan:
         dataset.num_classes = n_classes
     elif dataset.num_classes != n_classes:
         shown = ", ".join(listing.classes[:8]) + (", ..." if n_classes > 8 else "")
-        raise ConfigError(f"dataset.num_classes={dataset.num_classes} but {root} has {n_classes} class folders "
-                          f"with images ({shown}); set dataset.num_classes={n_classes}, or null to count them")  # fmt: skip
+        raise ConfigError(
+            f"dataset.num_classes={dataset.num_classes} but {root} has {n_classes} class folders "
+            f"with images ({shown}); set dataset.num_classes={n_classes}, or null to count them"
+        )
     if dataset.input_shape is None:
         dataset.input_shape = shape
     elif list(dataset.input_shape) != shape:
-        raise ConfigError(f"dataset.input_shape={list(dataset.input_shape)} does not match dataset.channels="
-                          f"{channels} and images of {plan.size[0]}x{plan.size[1]}; set dataset.input_shape=null")  # fmt: skip
+        raise ConfigError(
+            f"dataset.input_shape={list(dataset.input_shape)} does not match dataset.channels="
+            f"{channels} and images of {plan.size[0]}x{plan.size[1]}; set dataset.input_shape=null"
+        )
     decoded = listing.n_images * math.prod(shape)
     if limit is not None and decoded > limit * 1e9:
         raise ConfigError(
@@ -137,8 +143,10 @@ def domain_folders(dataset: DictConfig) -> list[Path]:
     domains = sorted(p for p in root.iterdir() if p.is_dir())
     if len(domains) != dataset.n_tasks:
         names = ", ".join(p.name for p in domains) or "none"
-        raise ConfigError(f"dataset.domains=folders: {root} has {len(domains)} domain folders ({names}) for "
-                          f"dataset.n_tasks={dataset.n_tasks}; one folder per task")  # fmt: skip
+        raise ConfigError(
+            f"dataset.domains=folders: {root} has {len(domains)} domain folders ({names}) for "
+            f"dataset.n_tasks={dataset.n_tasks}; one folder per task"
+        )
     return domains
 
 
@@ -156,8 +164,10 @@ def check_folder_domains(dataset: DictConfig) -> None:
         one = _domain(dataset, folder)
         classes = check_image_folder(one).listing.classes
         if checked and classes != checked[0][1]:
-            raise ConfigError(f"domain folder {folder} has classes {', '.join(classes)}; every domain needs "
-                              f"those of {checked[0][0]}: {', '.join(checked[0][1])}")  # fmt: skip
+            raise ConfigError(
+                f"domain folder {folder} has classes {', '.join(classes)}; every domain needs "
+                f"those of {checked[0][0]}: {', '.join(checked[0][1])}"
+            )
         checked.append((folder, classes))
     dataset.num_classes, dataset.input_shape = one.num_classes, one.input_shape
 
@@ -171,10 +181,14 @@ def load_folder_domains(dataset: DictConfig, data: DictConfig) -> Source:
     train_domain = torch.cat([torch.full((len(p.train_y),), k) for k, p in enumerate(parts)])
     test_domain = torch.cat([torch.full((len(p.test_y),), k) for k, p in enumerate(parts)])
     return Source(
-        torch.cat([p.train_x for p in parts]), torch.cat([p.train_y for p in parts]),
-        torch.cat([p.test_x for p in parts]), torch.cat([p.test_y for p in parts]),
-        parts[0].class_names, train_domain=train_domain, test_domain=test_domain,
-    )  # fmt: skip
+        torch.cat([p.train_x for p in parts]),
+        torch.cat([p.train_y for p in parts]),
+        torch.cat([p.test_x for p in parts]),
+        torch.cat([p.test_y for p in parts]),
+        parts[0].class_names,
+        train_domain=train_domain,
+        test_domain=test_domain,
+    )
 
 
 def load_image_folder(dataset: DictConfig, data: DictConfig) -> Source:
@@ -226,8 +240,10 @@ def list_folder(root: Path, test_fraction: float) -> Listing:
     has_train, has_test = (root / "train").is_dir(), (root / "test").is_dir()
     if has_train != has_test:
         have, missing = ("train", "test") if has_train else ("test", "train")
-        raise ConfigError(f"{root} has {have}/ but no {missing}/: give both train/<class>/ and test/<class>/, or put "
-                          f"the class folders directly in {root} and let dataset.test_fraction split them")  # fmt: skip
+        raise ConfigError(
+            f"{root} has {have}/ but no {missing}/: give both train/<class>/ and test/<class>/, or put "
+            f"the class folders directly in {root} and let dataset.test_fraction split them"
+        )
     left_out: list[str] = []
     if has_train:
         splits = {split: _class_files(root / split, ignored) for split in ("train", "test")}
@@ -245,8 +261,10 @@ def list_folder(root: Path, test_fraction: float) -> Listing:
         layout = "train/test"
     else:
         if test_fraction == 0:
-            raise ConfigError(f"{root} has no train/ and test/ folders and dataset.test_fraction=0 holds out no "
-                              "test images; set dataset.test_fraction (e.g. 0.2) or split the folder into train/ and test/")  # fmt: skip
+            raise ConfigError(
+                f"{root} has no train/ and test/ folders and dataset.test_fraction=0 holds out no "
+                "test images; set dataset.test_fraction (e.g. 0.2) or split the folder into train/ and test/"
+            )
         per_class = _class_files(root, ignored)
         classes = []
         for name in sorted(per_class):
@@ -254,13 +272,17 @@ def list_folder(root: Path, test_fraction: float) -> Listing:
             if count >= 2:
                 classes.append(name)
             else:
-                left_out.append(f"{root / name} has {'no images' if count == 0 else 'one image'} "
-                                "(a class needs two: one to train on, one to test)")  # fmt: skip
+                left_out.append(
+                    f"{root / name} has {'no images' if count == 0 else 'one image'} "
+                    "(a class needs two: one to train on, one to test)"
+                )
         files = {"all": [per_class[name] for name in classes]}
         layout = "one tree"
     if not classes:
-        raise ConfigError(f"found no class folder with images in {root}; expected {root}/<class>/*.png (or "
-                          f"{', '.join(IMAGE_SUFFIXES[1:])}), or {root}/train/<class>/ and {root}/test/<class>/")  # fmt: skip
+        raise ConfigError(
+            f"found no class folder with images in {root}; expected {root}/<class>/*.png (or "
+            f"{', '.join(IMAGE_SUFFIXES[1:])}), or {root}/train/<class>/ and {root}/test/<class>/"
+        )
     return Listing(root, layout, classes, files, left_out, ignored)
 
 
@@ -287,8 +309,10 @@ def _class_files(folder: Path, ignored: list[Path]) -> dict[str, list[Path]]:
 
 def _root(folder) -> Path:
     if folder is None or str(folder) == "":
-        raise ConfigError("dataset=image_folder needs dataset.folder=<a folder with one sub-folder of images per "
-                          "class, or train/ and test/ folders of such sub-folders>")  # fmt: skip
+        raise ConfigError(
+            "dataset=image_folder needs dataset.folder=<a folder with one sub-folder of images per "
+            "class, or train/ and test/ folders of such sub-folders>"
+        )
     root = Path(str(folder)).expanduser()
     if not root.is_dir():
         why = "is not a folder" if root.exists() else "does not exist"
@@ -305,8 +329,10 @@ def _image_size(value) -> tuple[int, int] | None:
     if value is None:
         return None
     if sides is None or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sides):
-        raise ConfigError(f"dataset.image_size={value} must be a positive side (e.g. 32), [height, width], or "
-                          "null to keep the files' own size")  # fmt: skip
+        raise ConfigError(
+            f"dataset.image_size={value} must be a positive side (e.g. 32), [height, width], or "
+            "null to keep the files' own size"
+        )
     return int(sides[0]), int(sides[1])
 
 
@@ -386,8 +412,12 @@ def _decode(plan: FolderPlan, mapped_cache: Path | None = None) -> dict:
     global decoded_files
 
     listing = plan.listing
-    entries = [(split, label, path) for split, per_class in listing.files.items()
-               for label, paths in enumerate(per_class) for path in paths]  # fmt: skip
+    entries = [
+        (split, label, path)
+        for split, per_class in listing.files.items()
+        for label, paths in enumerate(per_class)
+        for path in paths
+    ]
     height, width = plan.size
     shape = (len(entries), plan.channels, height, width)
     if mapped_cache is None:
@@ -426,8 +456,10 @@ def _decode(plan: FolderPlan, mapped_cache: Path | None = None) -> dict:
         sizes[result] += 1
         if not plan.resize and result != (width, height):
             first = next(entries[r][2] for r, s in enumerate(results) if s == (width, height))
-            raise ConfigError(f"images differ in size: {first} is {height}x{width}, {path} is {result[1]}x{result[0]}; "
-                              "set dataset.image_size=<side> or [height, width] to resize them all")  # fmt: skip
+            raise ConfigError(
+                f"images differ in size: {first} is {height}x{width}, {path} is {result[1]}x{result[0]}; "
+                "set dataset.image_size=<side> or [height, width] to resize them all"
+            )
 
     labels = np.array([label for _, label, _ in entries], dtype=np.int64)
     splits = np.array([split for split, _, _ in entries])
@@ -441,8 +473,10 @@ def _decode(plan: FolderPlan, mapped_cache: Path | None = None) -> dict:
     for label, name in enumerate(listing.classes):
         for split, rows in (("training", train_rows), ("test", test_rows)):
             if not (labels[rows] == label).any():
-                raise ConfigError(f"class '{name}' has no readable {split} image left after skipping unreadable "
-                                  "files (named in the log); fix or remove them, or remove the class folder")  # fmt: skip
+                raise ConfigError(
+                    f"class '{name}' has no readable {split} image left after skipping unreadable "
+                    "files (named in the log); fix or remove them, or remove the class folder"
+                )
     if mapped_cache is None:
         train_x, test_x = torch.from_numpy(pixels[train_rows]), torch.from_numpy(pixels[test_rows])
     else:
@@ -493,8 +527,10 @@ def _hold_out(labels: np.ndarray, good: np.ndarray, test_fraction: float) -> tup
 
 
 def _unreadable(path: Path, reason: str) -> ConfigError:
-    return ConfigError(f"{path} cannot be read as an image ({reason}); fix or remove it, or set "
-                       "dataset.on_bad_file=skip to leave it out")  # fmt: skip
+    return ConfigError(
+        f"{path} cannot be read as an image ({reason}); fix or remove it, or set "
+        "dataset.on_bad_file=skip to leave it out"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ normalisation
@@ -534,8 +570,10 @@ def channel_mean_std(sums: dict, max_value: int = 255) -> tuple[list[float], lis
     preprocessing scales them before normalising. The variance is formed in integers: no cancellation."""
     count = sums["count"]
     mean = [total / count / max_value for total in sums["sum"]]
-    std = [math.sqrt(count * squares - total * total) / count / max_value
-           for total, squares in zip(sums["sum"], sums["sum_squares"], strict=True)]  # fmt: skip
+    std = [
+        math.sqrt(count * squares - total * total) / count / max_value
+        for total, squares in zip(sums["sum"], sums["sum_squares"], strict=True)
+    ]
     return mean, std
 
 
@@ -555,10 +593,15 @@ def fill_normalization(dataset: DictConfig, sums: dict) -> None:
         dataset.std = std
     if not dataset.get("normalize"):
         return
-    log.info("normalisation computed from the %d training images (dataset.%s=null): dataset.mean=[%s] "
-             "dataset.std=[%s] (per channel, pixels in [0, 1])%s", sums["images"], "/".join(filled),
-             ", ".join(f"{v:.4f}" for v in dataset.mean), ", ".join(f"{v:.4f}" for v in dataset.std),
-             f"; channel(s) {constant} hold one value: std 1 there" if constant and "std" in filled else "")  # fmt: skip
+    log.info(
+        "normalisation computed from the %d training images (dataset.%s=null): dataset.mean=[%s] "
+        "dataset.std=[%s] (per channel, pixels in [0, 1])%s",
+        sums["images"],
+        "/".join(filled),
+        ", ".join(f"{v:.4f}" for v in dataset.mean),
+        ", ".join(f"{v:.4f}" for v in dataset.std),
+        f"; channel(s) {constant} hold one value: std 1 there" if constant and "std" in filled else "",
+    )
 
 
 # ------------------------------------------------------------------------------------------------ cache
@@ -568,8 +611,14 @@ def _cache_path(data_root: Path, plan: FolderPlan) -> Path:
     import PIL
 
     listing = plan.listing
-    lines = [f"v{CACHE_VERSION}", f"pillow {PIL.__version__}", listing.layout, f"{plan.size} {plan.resize}",
-             f"{plan.channels} {RESAMPLING}", f"{plan.test_fraction if listing.layout == 'one tree' else ''}"]  # fmt: skip
+    lines = [
+        f"v{CACHE_VERSION}",
+        f"pillow {PIL.__version__}",
+        listing.layout,
+        f"{plan.size} {plan.resize}",
+        f"{plan.channels} {RESAMPLING}",
+        f"{plan.test_fraction if listing.layout == 'one tree' else ''}",
+    ]
     for split, per_class in listing.files.items():
         for name, paths in zip(listing.classes, per_class, strict=True):
             for path in paths:
@@ -620,28 +669,55 @@ def _write_cache(path: Path, state: dict) -> None:
 def _log_report(plan: FolderPlan, state: dict, where: str) -> None:
     listing = plan.listing
     height, width = plan.size
-    split = "its train/ and test/ folders" if listing.layout == "train/test" else (
-        f"test_fraction={plan.test_fraction} of each class held out, seed {SPLIT_SEED}")  # fmt: skip
-    log.info("image folder %s: %d classes, %d training and %d test images (%s), %dx%d, %d channel(s); %s",
-             listing.root, len(listing.classes), len(state["train_y"]), len(state["test_y"]), split, height, width,
-             plan.channels, where)  # fmt: skip
+    split = (
+        "its train/ and test/ folders"
+        if listing.layout == "train/test"
+        else (f"test_fraction={plan.test_fraction} of each class held out, seed {SPLIT_SEED}")
+    )
+    log.info(
+        "image folder %s: %d classes, %d training and %d test images (%s), %dx%d, %d channel(s); %s",
+        listing.root,
+        len(listing.classes),
+        len(state["train_y"]),
+        len(state["test_y"]),
+        split,
+        height,
+        width,
+        plan.channels,
+        where,
+    )
     sizes = state["sizes"]
     if len(sizes) > 1 or (sizes and (sizes[0][0], sizes[0][1]) != plan.size):
         shown = ", ".join(f"{h}x{w}: {n}" for h, w, n in sizes[:5]) + (", ..." if len(sizes) > 5 else "")
-        log.info("the images come in %d size(s) (%s); all resized to %dx%d (%s resampling, aspect ratio not kept)",
-                 len(sizes), shown, height, width, RESAMPLING)  # fmt: skip
+        log.info(
+            "the images come in %d size(s) (%s); all resized to %dx%d (%s resampling, aspect ratio not kept)",
+            len(sizes),
+            shown,
+            height,
+            width,
+            RESAMPLING,
+        )
     skipped = state["skipped"]
     if skipped:
-        log.warning("skipped %d unreadable image file(s) in %s (dataset.on_bad_file=skip):",
-                    len(skipped), listing.root)  # fmt: skip
+        log.warning(
+            "skipped %d unreadable image file(s) in %s (dataset.on_bad_file=skip):",
+            len(skipped),
+            listing.root,
+        )
         for name, reason in skipped:
             log.warning("  skipped %s: %s", name, reason)
     if listing.left_out:
-        log.warning("left out %d class folder(s) without usable images (dataset.on_bad_file=skip):",
-                    len(listing.left_out))  # fmt: skip
+        log.warning(
+            "left out %d class folder(s) without usable images (dataset.on_bad_file=skip):",
+            len(listing.left_out),
+        )
         for line in listing.left_out:
             log.warning("  left out class folder %s", line)
     if listing.ignored:
         names = [str(p.relative_to(listing.root)) for p in listing.ignored]
-        log.info("ignored %d file(s) that are not images (%s): %s", len(names), " ".join(IMAGE_SUFFIXES),
-                 ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else ""))  # fmt: skip
+        log.info(
+            "ignored %d file(s) that are not images (%s): %s",
+            len(names),
+            " ".join(IMAGE_SUFFIXES),
+            ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else ""),
+        )

@@ -60,8 +60,13 @@ class Stream:
             Task(t.id, t.classes, t.train_index.to(device), t.val_index.to(device), t.test_index.to(device))
             for t in self.tasks
         ]
-        return Stream(**move, tasks=tasks, class_order=self.class_order, class_names=self.class_names,
-                      max_value=self.max_value)  # fmt: skip
+        return Stream(
+            **move,
+            tasks=tasks,
+            class_order=self.class_order,
+            class_names=self.class_names,
+            max_value=self.max_value,
+        )
 
     def task_ids(self, labels: torch.Tensor) -> torch.Tensor:
         """The task of each label, where tasks split the classes (class_il, task_il)."""
@@ -125,9 +130,15 @@ def build_stream(source: Source, dataset: DictConfig) -> Stream:
         test_index = torch.nonzero((test_y >= classes[0]) & (test_y <= classes[-1])).flatten()
         tasks.append(Task(task_id, classes, torch.cat(train_index), torch.cat(val_index), test_index))
     return Stream(
-        source.train_x, train_y, source.test_x, test_y, tasks, order,
-        [source.class_names[c] for c in order], source.max_value,
-    )  # fmt: skip
+        source.train_x,
+        train_y,
+        source.test_x,
+        test_y,
+        tasks,
+        order,
+        [source.class_names[c] for c in order],
+        source.max_value,
+    )
 
 
 def build_domain_stream(source: Source, dataset: DictConfig) -> Stream:
@@ -154,9 +165,15 @@ def build_domain_stream(source: Source, dataset: DictConfig) -> Stream:
             Task(task_id, classes, torch.cat(train_index).sort().values, torch.cat(val_index), test_index)
         )
     return Stream(
-        train_x, source.train_y.repeat(n_tasks), test_x, source.test_y.repeat(n_tasks), tasks, classes,
-        list(source.class_names), source.max_value,
-    )  # fmt: skip
+        train_x,
+        source.train_y.repeat(n_tasks),
+        test_x,
+        source.test_y.repeat(n_tasks),
+        tasks,
+        classes,
+        list(source.class_names),
+        source.max_value,
+    )
 
 
 def _folder_domain_stream(source: Source, dataset: DictConfig, classes: list[int]) -> Stream:
@@ -175,8 +192,16 @@ def _folder_domain_stream(source: Source, dataset: DictConfig, classes: list[int
         tasks.append(
             Task(task_id, classes, torch.cat(train_index).sort().values, torch.cat(val_index), test_index)
         )
-    return Stream(source.train_x, source.train_y, source.test_x, source.test_y, tasks, classes,
-                  list(source.class_names), source.max_value)  # fmt: skip
+    return Stream(
+        source.train_x,
+        source.train_y,
+        source.test_x,
+        source.test_y,
+        tasks,
+        classes,
+        list(source.class_names),
+        source.max_value,
+    )
 
 
 def domain_transforms(dataset: DictConfig, shape: tuple[int, ...]) -> list:

@@ -16,7 +16,7 @@ from incr_cli.data.stream import Task
 from incr_cli.memory import Memory
 from incr_cli.models.backbone import Backbone, require
 from incr_cli.strategies.base import Context
-from incr_cli.strategies.teacher import PreviousTaskTeacher
+from incr_cli.strategies.common.teacher import PreviousTaskTeacher
 
 if TYPE_CHECKING:
     from incr_cli.step import StepRunner

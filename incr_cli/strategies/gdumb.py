@@ -95,7 +95,9 @@ class GDumb(Strategy):
         initial_weights: str = "fresh",
     ):
         if initial_weights not in INITIAL_WEIGHTS:
-            raise ValueError(f"strategy.initial_weights={initial_weights!r}; valid: {', '.join(INITIAL_WEIGHTS)}")
+            raise ValueError(
+                f"strategy.initial_weights={initial_weights!r}; valid: {', '.join(INITIAL_WEIGHTS)}"
+            )
         if epochs is not None and epochs < 1:
             raise ValueError(f"strategy.epochs={epochs} must be a positive integer or null")
         if batch_size is not None and batch_size < 1:
@@ -103,7 +105,9 @@ class GDumb(Strategy):
         self.memory = memory
         self.epochs, self.batch_size = epochs, batch_size
         self.initial_weights = initial_weights
-        self.first_backbone: dict[str, Tensor] | None = None  # initial_weights=first: the backbone as it started
+        self.first_backbone: dict[str, Tensor] | None = (
+            None  # initial_weights=first: the backbone as it started
+        )
 
     def setup(self, context) -> None:
         super().setup(context)
@@ -148,7 +152,6 @@ class GDumb(Strategy):
 
         epochs = self.epochs or self.context.epochs
         self.run_stage(self.memory, memory_loss, optimizer, epochs, batch_size=self.batch_size, name=name)
-
 
     def state_dict(self) -> dict:
         state = super().state_dict()

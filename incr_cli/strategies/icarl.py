@@ -9,7 +9,7 @@ from torch import Tensor
 from incr_cli.data.batches import Batch
 from incr_cli.data.stream import Task
 from incr_cli.memory import Memory
-from incr_cli.strategies.teacher import PreviousTaskTeacher
+from incr_cli.strategies.common.teacher import PreviousTaskTeacher
 
 CLASSIFIERS = ("nme", "linear")
 LOSSES = ("bce", "ce_kd")
@@ -102,9 +102,12 @@ class ICaRL(PreviousTaskTeacher):
         temperature: float = 2.0,
         flip_means: str = "auto",
     ):
-        for name, value, choices in (("classifier", classifier, CLASSIFIERS), ("loss", loss, LOSSES),
-                                     ("bce_reduction", bce_reduction, BCE_REDUCTIONS),
-                                     ("flip_means", flip_means, FLIP_MEANS)):  # fmt: skip
+        for name, value, choices in (
+            ("classifier", classifier, CLASSIFIERS),
+            ("loss", loss, LOSSES),
+            ("bce_reduction", bce_reduction, BCE_REDUCTIONS),
+            ("flip_means", flip_means, FLIP_MEANS),
+        ):
             if value not in choices:
                 raise ValueError(f"iCaRL {name} must be one of {', '.join(choices)}, got {value!r}")
         if temperature <= 0:

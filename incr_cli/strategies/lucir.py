@@ -97,14 +97,25 @@ class LUCIR(EmbeddingDistillation):
         finetune_milestones: Sequence[int] = (10,),
     ):
         if lambda_base < 0 or ranking_weight < 0 or margin < 0:
-            raise ValueError(f"LUCIR needs lambda_base, ranking_weight and margin >= 0, got {lambda_base=}, "
-                             f"{ranking_weight=}, {margin=}")  # fmt: skip
+            raise ValueError(
+                f"LUCIR needs lambda_base, ranking_weight and margin >= 0, got {lambda_base=}, "
+                f"{ranking_weight=}, {margin=}"
+            )
         if hard_negatives < 1 or sigma <= 0:
             raise ValueError(
                 f"LUCIR needs hard_negatives >= 1 and sigma > 0, got {hard_negatives=}, {sigma=}"
             )
-        super().__init__(memory, exemplars, replay_batch_size, freeze_old, finetune_epochs, finetune_lr,
-                         finetune_params, finetune_schedule, finetune_milestones)  # fmt: skip
+        super().__init__(
+            memory,
+            exemplars,
+            replay_batch_size,
+            freeze_old,
+            finetune_epochs,
+            finetune_lr,
+            finetune_params,
+            finetune_schedule,
+            finetune_milestones,
+        )
         self.lambda_base, self.ranking_weight = float(lambda_base), float(ranking_weight)
         self.hard_negatives, self.margin = int(hard_negatives), float(margin)
         self.initial_sigma, self.imprint = float(sigma), bool(imprint)

@@ -140,16 +140,27 @@ class PODNet(EmbeddingDistillation):
         finetune_milestones: Sequence[int] = (),
     ):
         if lambda_spatial < 0 or lambda_flat < 0 or margin < 0:
-            raise ValueError(f"PODNet needs lambda_spatial, lambda_flat and margin >= 0, got {lambda_spatial=}, "
-                             f"{lambda_flat=}, {margin=}")  # fmt: skip
+            raise ValueError(
+                f"PODNet needs lambda_spatial, lambda_flat and margin >= 0, got {lambda_spatial=}, "
+                f"{lambda_flat=}, {margin=}"
+            )
         if proxies_per_class < 1 or scale <= 0:
             raise ValueError(
                 f"PODNet needs proxies_per_class >= 1 and scale > 0, got {proxies_per_class=}, {scale=}"
             )
         if pod_distance not in POD_DISTANCES:
             raise ValueError(f"pod_distance must be one of {', '.join(POD_DISTANCES)}, got {pod_distance!r}")
-        super().__init__(memory, exemplars, replay_batch_size, freeze_old, finetune_epochs, finetune_lr,
-                         finetune_params, finetune_schedule, finetune_milestones)  # fmt: skip
+        super().__init__(
+            memory,
+            exemplars,
+            replay_batch_size,
+            freeze_old,
+            finetune_epochs,
+            finetune_lr,
+            finetune_params,
+            finetune_schedule,
+            finetune_milestones,
+        )
         self.pod_distance = pod_distance
         self.lambda_spatial, self.lambda_flat = float(lambda_spatial), float(lambda_flat)
         self.per_class, self.margin = int(proxies_per_class), float(margin)

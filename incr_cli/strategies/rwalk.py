@@ -16,8 +16,16 @@ if TYPE_CHECKING:
     from incr_cli.step import StepRunner
 
 # Tensors kept per parameter between steps (and tasks), all checkpointed.
-PER_PARAMETER = ("importance", "anchor", "fisher", "score", "task_score", "interval_loss", "interval_fisher",
-                 "interval_start")  # fmt: skip
+PER_PARAMETER = (
+    "importance",
+    "anchor",
+    "fisher",
+    "score",
+    "task_score",
+    "interval_loss",
+    "interval_fisher",
+    "interval_start",
+)
 
 
 def normalised(values: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -218,8 +218,10 @@ class ExtendedDarkExperienceReplay(DarkExperienceReplay):
         if eta < 0 or lambd < 0:
             raise ValueError(f"X-DER's eta and lambd must be 0 or more, got eta={eta}, lambd={lambd}")
         if simclr_num_aug < 2 or simclr_batch_size < 1 or simclr_temp <= 0:
-            raise ValueError("X-DER's contrastive term needs simclr_num_aug >= 2, simclr_batch_size >= 1, "
-                             f"simclr_temp > 0; got {simclr_num_aug}, {simclr_batch_size}, {simclr_temp}")  # fmt: skip
+            raise ValueError(
+                "X-DER's contrastive term needs simclr_num_aug >= 2, simclr_batch_size >= 1, "
+                f"simclr_temp > 0; got {simclr_num_aug}, {simclr_batch_size}, {simclr_temp}"
+            )
         self.gamma, self.lambd, self.eta, self.margin = float(gamma), float(lambd), float(eta), float(margin)
         self.past_constraint, self.future_constraint = bool(past_constraint), bool(future_constraint)
         self.simclr_temp, self.simclr_batch_size = float(simclr_temp), int(simclr_batch_size)

@@ -11,7 +11,7 @@ from incr_cli.data.batches import Batch
 from incr_cli.data.stream import Task
 from incr_cli.memory import Memory
 from incr_cli.strategies.common.distillation import distillation_loss
-from incr_cli.strategies.teacher import PreviousTaskTeacher
+from incr_cli.strategies.common.teacher import PreviousTaskTeacher
 
 
 class ExemplarDistillation(PreviousTaskTeacher):

@@ -19,8 +19,12 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
 
 def flatten(parameters: Sequence[nn.Parameter]) -> Tensor:
     """The parameters' .grad as one vector; zeros where the loss did not reach a parameter."""
-    return torch.cat([torch.zeros(p.numel(), device=p.device) if p.grad is None else p.grad.reshape(-1)
-                      for p in parameters])  # fmt: skip
+    return torch.cat(
+        [
+            torch.zeros(p.numel(), device=p.device) if p.grad is None else p.grad.reshape(-1)
+            for p in parameters
+        ]
+    )
 
 
 def write(parameters: Sequence[nn.Parameter], vector: Tensor) -> None:
