@@ -1,0 +1,100 @@
+"""The default `incr train` as a whole process, next to its floor: what any PyTorch program doing the same work
+must pay.
+
+Floor = a Python process that imports torch and builds an SGD optimizer (whose first construction imports
+torch._dynamo), timed as a whole process, plus the run's own training and evaluation seconds (from its
+metrics.json: the sum over tasks of `train_seconds` and `eval_seconds`). The rest of incr's process is what it
+adds: Hydra composing the config, the checks, data loading, writing results and plots.
+
+Both are run `--repeats` times, interleaved (floor, incr, floor, incr, ...) so that both see the machine in
+the same state; the table gives medians. From the repository root:
+    python benchmarks/startup.py --repeats 5
+    python benchmarks/startup.py --repeats 5 --write    # replaces this benchmark's section of docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DOCS = REPO / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- startup:begin -->", "<!-- startup:end -->"
+FLOOR = "import torch; torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)"
+TRAIN = ["hardware=cpu", "progress=false"]
+
+
+def timed(argv: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(argv, check=True, capture_output=True, cwd=REPO)
+    return time.perf_counter() - start
+
+
+def work_seconds(run_dir: Path) -> float:
+    per_task = json.loads((run_dir / "metrics.json").read_text())["per_task"]
+    return sum(t["train_seconds"] + t["eval_seconds"] for t in per_task)
+
+
+def measure(repeats: int) -> dict[str, list[float]]:
+    seen: dict[str, list[float]] = {"python_torch_optimizer": [], "incr": [], "work": []}
+    with tempfile.TemporaryDirectory() as scratch:
+        for i in range(repeats):
+            seen["python_torch_optimizer"].append(timed([sys.executable, "-c", FLOOR]))
+            run_dir = Path(scratch) / f"run{i}"
+            command = [sys.executable, "-m", "incr_cli", "train", *TRAIN, f"hydra.run.dir={run_dir}"]
+            seen["incr"].append(timed(command))
+            seen["work"].append(work_seconds(run_dir))
+            print(f"repeat {i + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in seen.items()), flush=True)
+    return seen
+
+
+def section(seen: dict[str, list[float]], repeats: int) -> str:
+    base, whole, work = (statistics.median(seen[k]) for k in ("python_torch_optimizer", "incr", "work"))
+    floor = base + work
+    load = os.getloadavg()[0]
+    return f"""{BEGIN}
+## Start-up: the default run against its floor
+
+Produced by `python benchmarks/startup.py --repeats {repeats} --write` on {time.strftime("%Y-%m-%d")}; {platform.machine()},
+{os.cpu_count()} CPU cores, torch, Python {platform.python_version()}; 1-minute load average {load:.1f} at the end.
+The default run is `incr train {" ".join(TRAIN)}` (digits, MLP, replay, 5 tasks of 10 epochs). Medians of
+{repeats} interleaved repeats:
+
+| | seconds |
+|---|---|
+| python + `import torch` + the first SGD optimizer (a process of its own) | {base:.2f} |
+| the run's training and evaluation (metrics.json) | {work:.2f} |
+| **floor** (the two above) | **{floor:.2f}** |
+| **`incr train`, the whole process** | **{whole:.2f}** |
+| ratio | {whole / floor:.2f} |
+{END}"""
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--write", action="store_true", help="replace this section of docs/benchmarks.md")
+    args = parser.parse_args()
+    text = section(measure(args.repeats), args.repeats)
+    if not args.write:
+        print(text)
+        return 0
+    docs = DOCS.read_text()
+    if BEGIN in docs:
+        docs = docs[: docs.index(BEGIN)] + text + docs[docs.index(END) + len(END) :]
+    else:
+        docs = docs.rstrip() + "\n\n" + text + "\n"
+    DOCS.write_text(docs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
