@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import importlib
 import importlib.util
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +46,16 @@ def check_logger(cfg: DictConfig) -> str | None:
     package = getattr(logger, "package", None)
     if package is not None and importlib.util.find_spec(package) is None:
         return f"logger={package} needs the {package} package, which is not installed: pip install {package}"
+    settings = {key: value for key, value in cfg.items() if key != "_target_"}
+    try:
+        inspect.signature(logger).bind(None, **settings)  # None stands for the LoggedRun
+    except TypeError as error:
+        return f"logger: {target} does not take these settings ({error}); valid: {_parameters(logger)}"
     return None
+
+
+def _parameters(logger: type) -> str:
+    return ", ".join(list(inspect.signature(logger).parameters)[1:]) or "none"
 
 
 class CsvScalars:

@@ -117,3 +117,12 @@ def test_a_logger_target_that_does_not_import_is_a_one_line_error(tmp_path):
     assert "logger._target_='incr_cli.loggers.Nothing' is not an importable logger class" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_a_setting_the_logger_does_not_take_is_a_one_line_error(tmp_path):
+    result = incr("train", "logger=tensorboard", "+logger.colour=red", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    assert "logger: incr_cli.loggers.TensorBoardScalars does not take these settings" in result.stderr
+    assert "valid: log_dir" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
