@@ -15,6 +15,7 @@ the same state; the table gives medians. From the repository root:
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
@@ -64,7 +65,7 @@ def section(seen: dict[str, list[float]], repeats: int) -> str:
 ## Start-up: the default run against its floor
 
 Produced by `python benchmarks/startup.py --repeats {repeats} --write` on {time.strftime("%Y-%m-%d")}; {platform.machine()},
-{os.cpu_count()} CPU cores, torch, Python {platform.python_version()}; 1-minute load average {load:.1f} at the end.
+{os.cpu_count()} CPU cores, torch {importlib.metadata.version("torch")}, Python {platform.python_version()}; 1-minute load average {load:.1f} at the end.
 The default run is `incr train {" ".join(TRAIN)}` (digits, MLP, replay, 5 tasks of 10 epochs). Medians of
 {repeats} interleaved repeats:
 
