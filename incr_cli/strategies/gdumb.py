@@ -79,7 +79,8 @@ class GDumb(Strategy):
     Defaults: memory 200 (digits stream) / 500 (Split Fashion-MNIST); the run's optimizer, batch and epochs,
     as Avalanche's GDumb (the Split Fashion-MNIST reference). `initial_weights`: `fresh` (default) draws new
     weights before every retraining, "from scratch" as the paper says; `first` restores the weights the
-    network started the run with (each class's head row as first drawn), as Avalanche's GDumbPlugin does. Left out: the paper's long-schedule recipe, which Mammoth's
+    network started the run with (each class's head row as first drawn), as Avalanche's GDumbPlugin does.
+    Left out: the paper's long-schedule recipe, which Mammoth's
     defaults give as SGD from lr 0.05 with a warm-up epoch and cosine annealing with warm restarts down to
     0.0005, cutmix (alpha 1) and 256 epochs; `epochs`, `batch_size` and the run's optimizer are the knobs that
     remain. The memory training steps through the step runner (`Strategy.run_stage`): the run's precision and
@@ -105,9 +106,8 @@ class GDumb(Strategy):
         self.memory = memory
         self.epochs, self.batch_size = epochs, batch_size
         self.initial_weights = initial_weights
-        self.first_backbone: dict[str, Tensor] | None = (
-            None  # initial_weights=first: the backbone as it started
-        )
+        # initial_weights=first: the backbone's weights as the run started, restored before each retraining
+        self.first_backbone: dict[str, Tensor] | None = None
 
     def setup(self, context) -> None:
         super().setup(context)
