@@ -37,3 +37,8 @@ def test_a_list_of_values_without_multirun_is_refused():
 def test_an_interval_sweep_needs_a_sweeper():
     with pytest.raises(ConfigError, match=r"interval sweep needs a sweeper plugin"):
         job_overrides(["-m", "optimizer.lr=interval(0.001,0.1)"])
+
+
+def test_hydras_run_and_config_flags_are_not_taken_for_overrides():
+    argv = ["--run", "--config-name", "train", "-cd", "configs", "seed=4"]
+    assert job_overrides(argv) == [["seed=4"]]
