@@ -13,10 +13,12 @@ from incr_cli.errors import ConfigError
 
 
 def train(argv: list[str]) -> int:
-    from incr_cli.precheck import check_command
-    from incr_cli.train import run_hydra
+    from incr_cli.precheck import check_command, single_run
+    from incr_cli.train import run_hydra, run_single
 
     try:
+        if single_run(argv):
+            return run_single(argv)
         check_command(argv)
     except ConfigError as error:
         fail(str(error))

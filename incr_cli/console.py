@@ -9,8 +9,6 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from incr_cli.metrics import shown_accuracy
-
 console = Console(stderr=False)
 errors = Console(stderr=True)
 
@@ -89,6 +87,8 @@ def accuracy_table(matrix: list[list[float]], title: str) -> Table:
 
 def summary_table(metrics: dict) -> Table:
     """The end-of-run figures of the run's own scenario (task-IL for a task-IL run), named in the title."""
+    from incr_cli.metrics import shown_accuracy  # metrics imports torch, which `incr --help` need not load
+
     matrix, label = shown_accuracy(metrics)
     shown, final = metrics[matrix], metrics["final"]
     run = metrics["run"]

@@ -152,7 +152,7 @@ class Run:
                 self._stop_if_signalled(mid_task=False)
         self.metrics["run"]["status"] = "finished"
         self.metrics["wall_seconds"] += time.perf_counter() - started
-        self.write_results(plots_too=True)
+        self.write_results(figures_too=True)
         if self.writes:
             console.print(summary_table(self.metrics))
             for line in training_warnings(self.metrics):
@@ -307,9 +307,9 @@ class Run:
         )
 
     # ----------------------------------------------------------------- files, checkpoints and signals
-    def write_results(self, plots_too: bool = False) -> None:
+    def write_results(self, figures_too: bool = False) -> None:
         if self.writes:
-            results.write(self.run_dir, self.metrics, plots_too)
+            results.write(self.run_dir, self.metrics, figures_too)
 
     def save_checkpoint(self, task_end: int | None = None) -> None:
         """Everything the run needs to continue exactly: at the end of task `task_end`, or mid-task (None)

@@ -1,6 +1,6 @@
-"""Figures of one run (PNG next to its metrics: the accuracy matrix and the average accuracy) and of a report
-over many (`incr report`: curves with a band of one standard deviation, matrices in a grid, forgetting).
-The format follows the path's suffix (png or svg)."""
+"""Figures of a report over many runs (`incr report`: curves with a band of one standard deviation, matrices in a
+grid, forgetting), and the matrix image the TensorBoard and W&B loggers send. The format follows the path's
+suffix (png or svg). A run's own two figures are run_figures.py's."""
 
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
-
-from incr_cli.metrics import matrix_label, shown_accuracy  # noqa: E402
 
 MATRIX_COLUMNS = 5  # a report's matrices wrap into rows of this many
 LEGEND_ROWS = 25  # methods per legend column
@@ -29,17 +27,6 @@ def method_colours(n: int) -> list[tuple[float, float, float, float]]:
     if n <= 60:
         return [plt.get_cmap(name)(k) for name in ("tab20", "tab20b", "tab20c") for k in range(20)][:n]
     return [plt.get_cmap("hsv")(k / n) for k in range(n)]
-
-
-def run_curves(run_metrics: dict) -> dict[str, list[float]]:
-    """The average-accuracy curves of one run's plot, its scenario's own first. A class-IL run also shows its
-    task-IL curve (what knowing the task would give); a task-IL run shows only task-IL (its training masks the
-    other tasks' classes, so its class-IL figure is not its result) and a domain-IL run only its own."""
-    shown, label = shown_accuracy(run_metrics)
-    curves = {label: run_metrics[shown]["average_accuracy"]}
-    if run_metrics["run"].get("scenario", "class_il") == "class_il":
-        curves[matrix_label("class_il", "task_il")] = run_metrics["task_il"]["average_accuracy"]
-    return curves
 
 
 def draw_matrix(axes, matrix: list[list[float]], title: str, cell_inches: float = 0.6, outer=(True, True)):
@@ -69,14 +56,6 @@ def draw_matrix(axes, matrix: list[list[float]], title: str, cell_inches: float 
         axes.set_ylabel("after training task")
     axes.set_title(title, fontsize=9)
     return image
-
-
-def plot_accuracy_matrix(matrix: list[list[float]], path: Path, title: str) -> None:
-    n_rows, n_tasks = len(matrix), len(matrix[0])
-    figure, axes = plt.subplots(figsize=(1.2 + 0.7 * n_tasks, 1.0 + 0.6 * n_rows))
-    image = draw_matrix(axes, matrix, title)
-    figure.colorbar(image, ax=axes, label="accuracy")
-    _save(figure, path)
 
 
 def plot_accuracy_matrices(matrices: dict[str, list[list[float]]], path: Path, title: str) -> None:
@@ -197,17 +176,3 @@ def _save(figure, path: Path, legend_entries: int = 0) -> None:
         )
     figure.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(figure)
-
-
-def plot_average_accuracy(curves: dict[str, list[float]], path: Path, title: str) -> None:
-    figure, axes = plt.subplots(figsize=(5, 3.5))
-    for label, values in curves.items():
-        axes.plot(range(1, len(values) + 1), values, marker="o", label=label)
-    axes.set_xlabel("tasks learned")
-    axes.set_ylabel("average accuracy on tasks seen")
-    axes.set_ylim(0, 1.02)
-    axes.set_xticks(range(1, max(len(v) for v in curves.values()) + 1))
-    axes.grid(alpha=0.3)
-    axes.legend()
-    axes.set_title(title, fontsize=10)
-    _save(figure, path)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -12,7 +14,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException, MissingConfigException
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from incr_cli.config import check_config, config_dir, register_schema, to_container
@@ -103,25 +105,63 @@ def check_command(argv: list[str]) -> None:
         raise ConfigError(_one_line(error)) from None
     if jobs is None:
         return
+    saved: dict[int, Path] | None = None  # the config files of the run or sweep that resume=true continues
+    with composing():
+        for number, overrides in enumerate(jobs):
+            saved = check_job(compose_job(overrides), argv, number, saved)
+
+
+@contextmanager
+def composing() -> Iterator[None]:
+    """Hydra's compose API over incr's configs, with the job name `hydra.main` gives them (train: the run's
+    log is train.log)."""
     register_schema()
     GlobalHydra.instance().clear()
-    saved: dict[int, Path] | None = None  # the config files of the run or sweep that resume=true continues
-    with initialize_config_dir(str(config_dir()), version_base="1.3"):
-        for number, overrides in enumerate(jobs):
-            try:
-                cfg = compose("train", overrides=overrides)
-            except MissingConfigException as error:
-                raise ConfigError(_unknown_choice(error)) from None
-            except (HydraException, OmegaConfBaseException) as error:
-                raise ConfigError(_one_line(error)) from None
-            composed = to_container(
-                cfg
-            )  # as the run's .hydra/config.yaml holds it, before check_config fills in
-            check_config(cfg)  # values found on disk (dataset=image_folder's num_classes and input_shape)
-            if cfg.resume:
-                saved = _saved_configs(argv) if saved is None else saved
-                _check_resumable(saved.get(number), composed, _multirun(argv))
-    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(config_dir()), job_name="train", version_base="1.3"):
+            yield
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def compose_job(overrides: list[str], with_hydra: bool = False) -> DictConfig:
+    """One job's config (`with_hydra`: Hydra's own node too, as a run needs it); ConfigError when it does not
+    compose."""
+    try:
+        return compose("train", overrides=overrides, return_hydra_config=with_hydra)
+    except MissingConfigException as error:
+        raise ConfigError(_unknown_choice(error)) from None
+    except (HydraException, OmegaConfBaseException) as error:
+        raise ConfigError(_one_line(error)) from None
+
+
+def check_job(
+    cfg: DictConfig, argv: list[str], number: int = 0, saved: dict[int, Path] | None = None
+) -> dict[int, Path] | None:
+    """Checks job `number` of the command (its config without Hydra's node; check_config fills in values found
+    on disk, so pass a copy that is not saved). Returns the saved configs of the folder resume=true names,
+    read once for a sweep."""
+    composed = to_container(cfg)  # as the run's .hydra/config.yaml holds it, before check_config fills in
+    check_config(cfg)  # values found on disk (dataset=image_folder's num_classes and input_shape)
+    if cfg.resume:
+        saved = _saved_configs(argv) if saved is None else saved
+        _check_resumable(saved.get(number), composed, _multirun(argv))
+    return saved
+
+
+def single_run(argv: list[str]) -> bool:
+    """Whether the command trains one job of incr's own config: no -m, no flag that inspects or names
+    another config."""
+    if INSPECTION_FLAGS & set(argv):
+        return False
+    args = _arguments(argv)
+    other_config = args.config_path or args.config_name or args.config_dir or args.experimental_rerun
+    return not (args.multirun or other_config or "hydra.mode" in map(override_key, args.overrides))
+
+
+def run_overrides(argv: list[str]) -> list[str]:
+    """The overrides of a single run's command line, as Hydra's run mode composes them."""
+    return [*_arguments(argv).overrides, "hydra.mode=RUN"]
 
 
 def _saved_configs(argv: list[str]) -> dict[int, Path]:
@@ -168,13 +208,8 @@ def sweep_dir(argv: list[str]) -> Path | None:
     given = _hydra_setting(argv, "hydra.sweep.dir")
     if given is not None:
         return Path(given)
-    register_schema()
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(str(config_dir()), version_base="1.3"):
-            return Path(compose("train", overrides=jobs[0], return_hydra_config=True).hydra.sweep.dir)
-    finally:
-        GlobalHydra.instance().clear()
+    with composing():
+        return Path(compose("train", overrides=jobs[0], return_hydra_config=True).hydra.sweep.dir)
 
 
 def _multirun(argv: list[str]) -> bool:

@@ -1,6 +1,6 @@
 """A run's results: the metrics it keeps (metrics.json: the accuracy matrices and their summaries, per-task
 timing and sizes), what it shows after each task, and the files it writes (metrics.json, accuracy_matrix.csv,
-the plots)."""
+the two figures)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from incr_cli import files, metrics, plots
+from incr_cli import files, metrics, run_figures
 from incr_cli.console import accuracy_table, console
 from incr_cli.data.stream import Stream
 
@@ -133,8 +133,8 @@ def logged_values(run_metrics: dict) -> dict:
     return values
 
 
-def write(run_dir: Path, run_metrics: dict, plots_too: bool = False) -> None:
-    """metrics.json and accuracy_matrix.csv after every task; the plots at the end (matplotlib is slow).
+def write(run_dir: Path, run_metrics: dict, figures_too: bool = False) -> None:
+    """metrics.json and accuracy_matrix.csv after every task; the figures at the end.
     The CSV and the plots hold the scenario's own matrix (task-IL for a task-IL run); metrics.json both."""
     m = run_metrics
     files.write_json(run_dir / "metrics.json", m)
@@ -145,8 +145,12 @@ def write(run_dir: Path, run_metrics: dict, plots_too: bool = False) -> None:
     header = "after_task," + ",".join(f"task_{j + 1}" for j in range(len(matrix[0])))
     lines = [header] + [f"{i + 1}," + ",".join(f"{v:.6f}" for v in row) for i, row in enumerate(matrix)]
     files.atomic_write(run_dir / "accuracy_matrix.csv", lambda h: h.write(("\n".join(lines) + "\n").encode()))
-    if not plots_too:
+    if not figures_too:
         return
     title = f"{m['run']['strategy']} on {m['run']['dataset']}, seed {m['run']['seed']}"
-    plots.plot_accuracy_matrix(matrix, run_dir / "accuracy_matrix.png", f"{label}: {title}")
-    plots.plot_average_accuracy(plots.run_curves(m), run_dir / "average_accuracy.png", title)
+    figures = {
+        "accuracy_matrix.svg": run_figures.accuracy_matrix_svg(matrix, f"{label}: {title}"),
+        "average_accuracy.svg": run_figures.average_accuracy_svg(run_figures.run_curves(m), title),
+    }
+    for name, text in figures.items():
+        files.atomic_write(run_dir / name, lambda h, text=text: h.write(text.encode()))

@@ -1,25 +1,38 @@
-"""The Hydra entrypoint of `incr train`: check the composed config, build the run, train it. In a sweep (-m), a job
-that fails is recorded as failed and the sweep goes on; its last line counts the jobs that failed."""
+"""The Hydra entrypoint of `incr train`: check the composed config, build the run, train it. A single run is
+composed once and run as Hydra's run mode runs it (`run_single`); a sweep (-m) goes through `hydra.main`, and
+a job of it that fails is recorded as failed while the sweep goes on; its last line counts the jobs that
+failed."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 import shlex
 import signal
 import sys
+import traceback
+import warnings
 from pathlib import Path
 
 import hydra
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from incr_cli.config import check_config, config_dir, register_schema
 from incr_cli.console import console, fail
 from incr_cli.errors import ConfigError
-from incr_cli.precheck import override_key, sweep_dir
+from incr_cli.precheck import (
+    check_job,
+    compose_job,
+    composing,
+    override_key,
+    run_overrides,
+    sweep_dir,
+)
 
 log = logging.getLogger("incr")
 
@@ -170,3 +183,70 @@ def run_hydra(argv: list[str]) -> int:
     sys.argv = ["incr train", *argv]
     main()
     return 0 if folder is None else sweep_outcome(folder)
+
+
+def run_single(argv: list[str]) -> int:
+    """A run without -m, as `hydra.main` runs it (the same run directory, .hydra/ files, logging and
+    callbacks), from one composition of its config: `hydra.main` would compose it twice more, once to read
+    hydra.mode and once to run. ConfigError (one line) before anything is written when the config does not
+    compose or fails the checks; a fault in the code prints its traceback and exits with status 1, as Hydra's
+    does."""
+    from hydra.core.utils import JobStatus, configure_log, run_job
+    from hydra.types import HydraContext
+
+    argv = other_rank_arguments(argv)
+    with composing():
+        cfg = compose_job(run_overrides(argv), with_hydra=True)
+        check_job(without_hydra(cfg), argv)
+        configure_log(cfg.hydra.hydra_logging, cfg.hydra.verbose)
+        callbacks = JobCallbacks(cfg)
+        callbacks.on_run_start(config=cfg, config_name="train")
+        context = HydraContext(config_loader=GlobalHydra.instance().config_loader(), callbacks=callbacks)
+        outcome = run_job(train_job, cfg, "hydra.run.dir", None, context)
+        callbacks.on_run_end(config=cfg, config_name="train", job_return=outcome)
+    if outcome.status == JobStatus.COMPLETED:
+        return 0
+    try:
+        outcome.return_value  # noqa: B018  (raises the job's exception, after Hydra's line naming its overrides)
+    except Exception as error:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        traceback.print_exception(error)
+    sys.exit(1)
+
+
+def without_hydra(cfg: DictConfig) -> DictConfig:
+    """A copy of the job's config without Hydra's node: what the job itself receives."""
+    job = copy.deepcopy(cfg)
+    with read_write(job), open_dict(job):
+        del job["hydra"]
+    return job
+
+
+class JobCallbacks:
+    """The callbacks of hydra.callbacks, called as Hydra calls them: in order at a start, in reverse order at
+    an end, a callback's own error a warning."""
+
+    def __init__(self, cfg: DictConfig):
+        from hydra.utils import instantiate
+
+        self.callbacks = [instantiate(c) for c in (OmegaConf.select(cfg, "hydra.callbacks") or {}).values()]
+
+    def _notify(self, event: str, reverse: bool, **arguments) -> None:
+        for callback in reversed(self.callbacks) if reverse else self.callbacks:
+            try:
+                getattr(callback, event)(**arguments)
+            except Exception as error:
+                warnings.warn(f"Callback {type(callback).__name__}.{event} raised {error!r}", stacklevel=2)
+
+    def on_run_start(self, **arguments) -> None:
+        self._notify("on_run_start", False, **arguments)
+
+    def on_run_end(self, **arguments) -> None:
+        self._notify("on_run_end", True, **arguments)
+
+    def on_job_start(self, **arguments) -> None:
+        self._notify("on_job_start", False, **arguments)
+
+    def on_job_end(self, **arguments) -> None:
+        self._notify("on_job_end", True, **arguments)

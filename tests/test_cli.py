@@ -184,8 +184,8 @@ def test_a_multirun_sweep_writes_one_complete_run_directory_per_job(capsys, tmp_
         assert len(metrics["class_il"]["accuracy_matrix"]) == 5
         for name in (
             "accuracy_matrix.csv",
-            "accuracy_matrix.png",
-            "average_accuracy.png",
+            "accuracy_matrix.svg",
+            "average_accuracy.svg",
             "checkpoints/last.pt",
             ".hydra/config.yaml",
         ):

@@ -21,7 +21,7 @@ LAYERS = [
         {"config", "engine", "run_setup", "run_checkpoints", "results", "task_checks", "build", "loggers"},
     ),
     ("strategies", {"strategies"}),
-    # what methods and the engine are built on; console, plots and estimate print, draw and time for both
+    # what methods and the engine are built on; console, plots, run_figures and estimate print, draw and time
     (
         "parts",
         {
@@ -35,6 +35,7 @@ LAYERS = [
             "distributed",
             "console",
             "plots",
+            "run_figures",
             "estimate",
         },
     ),

@@ -7,30 +7,24 @@ import contextlib
 import csv
 import io
 import json
+from xml.etree import ElementTree
 
 import pytest
 from rich.console import Console
 
-from incr_cli import metrics, plots
+from incr_cli import metrics, run_figures
 from incr_cli.cli import main
 from incr_cli.console import summary_table
+
+SVG = "{http://www.w3.org/2000/svg}"
 
 
 @pytest.fixture(scope="module")
 def task_il_run(tmp_path_factory):
-    """ewc on digits in task-IL, one epoch: the run directory, its metrics.json, what it printed and the
-    matrix it handed to the accuracy-matrix plot."""
+    """ewc on digits in task-IL, one epoch: the run directory, its metrics.json and what it printed."""
     run_dir = tmp_path_factory.mktemp("task_il") / "run"
-    drawn = {}
-
-    def record(matrix, path, title):
-        drawn.update(matrix=matrix, title=title)
-        original(matrix, path, title)
-
-    original = plots.plot_accuracy_matrix
     printed = io.StringIO()
-    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
-        patch.setattr(plots, "plot_accuracy_matrix", record)
+    with contextlib.redirect_stdout(printed):
         status = main(
             [
                 "train",
@@ -48,7 +42,7 @@ def task_il_run(tmp_path_factory):
     # the point of the test: the two scenarios' figures differ, so showing the wrong one fails
     task_il, class_il = run_metrics["task_il"], run_metrics["class_il"]
     assert abs(task_il["final_average_accuracy"] - class_il["final_average_accuracy"]) > 0.1
-    return run_dir, run_metrics, printed.getvalue(), drawn
+    return run_dir, run_metrics, printed.getvalue()
 
 
 def summary_row(text: str, title: str = "task-IL accuracy") -> list[str]:
@@ -60,7 +54,7 @@ def summary_row(text: str, title: str = "task-IL accuracy") -> list[str]:
 
 
 def test_the_printed_summary_and_task_tables_show_task_il(task_il_run):
-    _, run_metrics, printed, _ = task_il_run
+    _, run_metrics, printed = task_il_run
     task_il, class_il = run_metrics["task_il"], run_metrics["class_il"]
     assert "ewc on digits: task-IL accuracy" in printed
     final, incremental, *_ = summary_row(printed)
@@ -76,23 +70,30 @@ def test_the_printed_summary_and_task_tables_show_task_il(task_il_run):
 
 
 def test_csv_and_plots_hold_the_task_il_matrix(task_il_run):
-    run_dir, run_metrics, _, drawn = task_il_run
+    run_dir, run_metrics, _ = task_il_run
     with open(run_dir / "accuracy_matrix.csv", newline="") as handle:
         rows = list(csv.reader(handle))[1:]
     values = [[float(v) for v in row[1:]] for row in rows]
     expected = run_metrics["task_il"]["accuracy_matrix"]
     assert values == [pytest.approx(row, abs=5e-7) for row in expected]
     assert values != [pytest.approx(row, abs=5e-7) for row in run_metrics["class_il"]["accuracy_matrix"]]
-    assert drawn["matrix"] == expected and drawn["title"].startswith("task-IL accuracy: ewc on digits")
-    # the average-accuracy plot: the task-IL curve only, named
-    assert plots.run_curves(run_metrics) == {"task-IL accuracy": run_metrics["task_il"]["average_accuracy"]}
-    assert (run_dir / "average_accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    # the matrix figure: its title, and the task-IL values written in its cells, row by row
+    texts = [t.text for t in ElementTree.parse(run_dir / "accuracy_matrix.svg").iter(f"{SVG}text")]
+    assert texts[0].startswith("task-IL accuracy: ewc on digits")
+    cells = [t for t in texts if len(t) == 4 and t[1] == "."]
+    assert cells == [f"{v:.2f}" for row in expected for v in row]
+    # the average-accuracy figure: the task-IL curve only, named
+    assert run_figures.run_curves(run_metrics) == {
+        "task-IL accuracy": run_metrics["task_il"]["average_accuracy"]
+    }
+    legend = [t.text for t in ElementTree.parse(run_dir / "average_accuracy.svg").iter(f"{SVG}text")]
+    assert "task-IL accuracy" in legend and "class-IL accuracy" not in legend
     # metrics.json keeps both matrices
     assert len(run_metrics["class_il"]["accuracy_matrix"]) == len(expected) == 5
 
 
 def test_report_heads_a_task_il_table_with_task_il_figures(task_il_run, tmp_path, capsys):
-    run_dir, run_metrics, _, _ = task_il_run
+    run_dir, run_metrics, _ = task_il_run
     out = tmp_path / "report"
     assert main(["report", str(run_dir), "--out", str(out), "--no-figures"]) == 0
     printed = capsys.readouterr().out
@@ -150,6 +151,6 @@ def test_each_scenario_names_and_shows_its_own_matrix(scenario, label, final, cu
     text = rendered(summary_table(run))
     assert f"replay on digits: {label}" in text
     assert summary_row(text, label)[0] == final
-    assert list(plots.run_curves(run)) == curves
-    assert plots.run_curves(run)[label] == run[metrics.scenario_matrix(scenario)]["average_accuracy"]
+    assert list(run_figures.run_curves(run)) == curves
+    assert run_figures.run_curves(run)[label] == run[metrics.scenario_matrix(scenario)]["average_accuracy"]
     assert metrics.shown_accuracy(run) == (metrics.scenario_matrix(scenario), label)
