@@ -2,6 +2,6 @@
 
 import sys
 
-from incr_cli.cli import main
+from incr_cli.cli import console_main
 
-sys.exit(main())
+sys.exit(console_main())

@@ -78,7 +78,7 @@ def test_the_wheel_declares_the_incr_console_script(wheel):
     (entry_points,) = [n for n in archive.namelist() if n.endswith(".dist-info/entry_points.txt")]
     lines = [line.replace(" ", "") for line in archive.read(entry_points).decode().splitlines()]
     assert "[console_scripts]" in lines
-    assert "incr=incr_cli.cli:main" in lines
+    assert "incr=incr_cli.cli:console_main" in lines
 
 
 def test_the_unpacked_wheel_finds_its_packaged_configs(wheel, tmp_path):
