@@ -146,3 +146,29 @@ def test_every_built_in_backbone_offers_what_the_strategies_need(build, shape, n
     assert len(stages) == n_stages
     assert len(outputs) == 2 * n_stages  # each stage ran once per forward pass
     assert all(isinstance(stage, nn.Module) for stage in stages)
+
+
+def test_imagenet_resnet18_is_torchvisions_resnet18_without_its_classifier():
+    """Same layers in the same order: torchvision's weights and batch-norm statistics, copied over one for one,
+    give the same features (its average-pooled output before `fc`) on a 64x64 batch; at 224x224 the last
+    stage is 7x7, as He et al.'s table 1 has it."""
+    import torchvision
+
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet18(num_classes=10)
+    ours = ResNet18((3, 224, 224), stem="imagenet")
+    theirs = {k: v for k, v in reference.state_dict().items() if not k.startswith("fc.")}
+    assert [tuple(v.shape) for v in ours.state_dict().values()] == [tuple(v.shape) for v in theirs.values()]
+    ours.load_state_dict(dict(zip(ours.state_dict(), theirs.values(), strict=True)))
+    reference.fc = nn.Identity()
+    ours.eval(), reference.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), reference(x))
+        assert ours.stages(ours.stem(torch.zeros(1, 3, 224, 224))).shape == (1, 512, 7, 7)
+    assert [tuple(m.conv2.weight.shape[:1]) for m in ours.stage_modules()] == [(64,), (128,), (256,), (512,)]
+
+
+def test_an_unknown_stem_is_refused():
+    with pytest.raises(ValueError, match="stem must be one of cifar, imagenet"):
+        ResNet18((3, 32, 32), stem="mobile")

@@ -1,4 +1,5 @@
-"""CIFAR-style residual networks (He et al. 2016): ResNet-18 with a 3x3 stem and ResNet-32."""
+"""Residual networks (He et al. 2016): ResNet-18 with the CIFAR stem (3x3, no max-pool) or the ImageNet stem
+(7x7 stride 2 and a max-pool), and the CIFAR ResNet-32."""
 
 from __future__ import annotations
 
@@ -41,17 +42,40 @@ class BasicBlock(nn.Module):
         return F.relu(out) if self.activate else out
 
 
-class _CifarResNet(nn.Module):
-    """A 3x3 conv-BN-ReLU stem, stages of basic blocks, global average pooling. A `Backbone`: each stage
-    ends at its last block."""
+STEMS = ("cifar", "imagenet")
 
-    def __init__(self, in_channels: int, widths: list[int], blocks: list[int], zero_pad_shortcut: bool):
-        super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False),
-            nn.BatchNorm2d(widths[0]),
-            nn.ReLU(inplace=True),
+
+def stem(kind: str, in_channels: int, width: int) -> nn.Sequential:
+    """cifar: 3x3 stride-1 conv-BN-ReLU, for 32x32 inputs; imagenet: 7x7 stride-2 conv-BN-ReLU and a 3x3
+    stride-2 max-pool (He et al. 2016, table 1; torchvision's resnet18), for 224x224 inputs."""
+    if kind not in STEMS:
+        raise ValueError(f"stem must be one of {', '.join(STEMS)}, got {kind!r}")
+    if kind == "cifar":
+        return nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
         )
+    return nn.Sequential(
+        nn.Conv2d(in_channels, width, 7, 2, 3, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(3, 2, 1),
+    )
+
+
+class _ResNet(nn.Module):
+    """A stem, stages of basic blocks, global average pooling. A `Backbone`: each stage ends at its last
+    block."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        widths: list[int],
+        blocks: list[int],
+        zero_pad_shortcut: bool,
+        stem_kind: str = "cifar",
+    ):
+        super().__init__()
+        self.stem = stem(stem_kind, in_channels, widths[0])
         stages, in_planes = [], widths[0]
         for i, (planes, n_blocks) in enumerate(zip(widths, blocks, strict=True)):
             for j in range(n_blocks):
@@ -83,15 +107,19 @@ class _CifarResNet(nn.Module):
         return [b for i, b in enumerate(blocks) if i + 1 == len(blocks) or blocks[i + 1].stride == 2]
 
 
-class ResNet18(_CifarResNet):
-    """ResNet-18 for 32x32 inputs as in GEM and DER (Buzzega et al. 2020): 3x3 stride-1 stem, no max-pool,
-    four stages of two basic blocks with widths w, 2w, 4w, 8w (w=64; GEM's reduced variant uses w=20)."""
+class ResNet18(_ResNet):
+    """ResNet-18: four stages of two basic blocks with widths w, 2w, 4w, 8w and 1x1 projection shortcuts.
+    stem "cifar" (default): for 32x32 inputs as in GEM and DER (Buzzega et al. 2020), 3x3 stride-1 stem and no
+    max-pool (w=64; GEM's reduced variant uses w=20). stem "imagenet": He et al.'s 7x7 stride-2 stem and
+    max-pool, the network LUCIR, PODNet and PyCIL train on ImageNet (torchvision's resnet18 without its
+    classifier)."""
 
-    def __init__(self, input_shape, width: int = 64):
-        super().__init__(input_shape[0], [width, 2 * width, 4 * width, 8 * width], [2, 2, 2, 2], False)
+    def __init__(self, input_shape, width: int = 64, stem: str = "cifar"):
+        widths = [width, 2 * width, 4 * width, 8 * width]
+        super().__init__(input_shape[0], widths, [2, 2, 2, 2], False, stem)
 
 
-class ResNet32(_CifarResNet):
+class ResNet32(_ResNet):
     """ResNet-32 for CIFAR (He et al. 2016, section 4.2; iCaRL, PyCIL): three stages of five basic blocks
     with widths 16, 32, 64 and parameter-free (option A) shortcuts; 64 features."""
 
