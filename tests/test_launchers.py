@@ -98,6 +98,7 @@ def test_a_job_requeued_by_slurm_continues_its_run(tmp_path, monkeypatch):
     assert resumed["class_il"]["accuracy_matrix"] == expected["class_il"]["accuracy_matrix"]
 
 
+@pytest.mark.slow  # an Optuna search of several runs
 def test_optuna_search_maximises_the_validation_accuracy(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     status = main(

@@ -247,6 +247,7 @@ def test_pod_terms_keep_old_tasks_on_digits(tmp_path):
     assert with_pod["average_forgetting"] < without["average_forgetting"] - 0.05
 
 
+@pytest.mark.slow  # a convnet on the CPU, 25 s
 def test_podnet_trains_a_convnet_under_mixed_precision(tmp_path):
     # A ConvNet's stages are 2-d maps, pooled over their widths and heights. 4 epochs: from eta = 1 the NCA
     # loss learns slowly, and with 1 epoch the second task was not learned (fp32 too: 0.35 accuracy).
@@ -265,6 +266,7 @@ def test_podnet_trains_a_convnet_under_mixed_precision(tmp_path):
     assert min(row[i] for i, row in enumerate(metrics["class_il"]["accuracy_matrix"])) > 0.8
 
 
+@pytest.mark.slow  # two runs and a resume, 14 s; LUCIR's resume test shares its stage-finetuning path
 def test_podnet_resumes_exactly_after_sigterm(tmp_path):
     # step 35 of 90 is in task 2: the frozen task-1 network, the memory and the proxies must come back
     assert_resumes_exactly(tmp_path, ["strategy=podnet", "epochs=2"], fault="step:35:SIGTERM")

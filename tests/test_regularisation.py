@@ -341,6 +341,7 @@ def test_regularisation_trains_under_mixed_precision(tmp_path, strategy):
     assert min(row[i] for i, row in enumerate(metrics["class_il"]["accuracy_matrix"])) > 0.5
 
 
+@pytest.mark.slow  # the expected Fisher makes three EWC runs take 15 s; SI's resume test stays in the quick suite
 def test_ewc_resumes_exactly_after_sigterm(tmp_path):
     # step 35 of 90 is in task 2: the first task's Fisher and anchor are in the checkpoint. Split
     # Fashion-MNIST's learning rate, for which lambda 1000 is tuned (at 0.05 with momentum this run diverges

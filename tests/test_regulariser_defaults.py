@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 from conftest import run_experiment
 
+pytestmark = pytest.mark.slow  # 15 runs of the default stream: run with `-m slow`, and in CI
+
 REGULARISERS = ("ewc", "online_ewc", "si", "mas", "rwalk")
 SETTINGS = ["seed=0", "hardware=cpu", "hardware.num_threads=1"]
 TASK_IL_MARGIN = 0.01  # task-IL accuracy over fine-tuning's (0.956 here), trained in task-IL

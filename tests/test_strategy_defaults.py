@@ -66,7 +66,10 @@ def assert_trained_finite(run_dir: Path, scenario: str = "class_il") -> None:
     assert all(math.isfinite(v) and -1.0 <= v <= 1.0 for v in values), figures
 
 
-@pytest.mark.parametrize("epochs", [1, None], ids=["1_epoch", "default_epochs"])
+# the default epochs (10 per task) are the slow half of the sweep: run with `-m slow`, and in CI
+@pytest.mark.parametrize(
+    "epochs", [1, pytest.param(None, marks=pytest.mark.slow)], ids=["1_epoch", "default_epochs"]
+)
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_digits(tmp_path, strategy, epochs):
     overrides = [] if epochs is None else [f"epochs={epochs}"]

@@ -9,6 +9,8 @@ import pytest
 from conftest import needs_fashion_mnist
 from test_strategy_defaults import STRATEGIES, assert_trained_finite, strategy_class, train
 
+pytestmark = pytest.mark.slow  # 75 runs, about 4 CPU minutes: run with `-m slow`, and in CI
+
 DOMAINS = ["dataset.scenario=domain_il", "dataset.n_tasks=5"]
 # EWC's default expected Fisher differentiates every class of every sample (10 backward passes a sample); the
 # digits sweep runs it as shipped, here the true label's gradient alone keeps the estimator's code path.

@@ -107,6 +107,7 @@ def test_the_sweep_resumed_with_skip_batch_reruns_only_the_failed_job(failed_swe
         assert "this run already finished; nothing to do" in (job / "train.log").read_text()
 
 
+@pytest.mark.slow  # a sweep stopped and continued, 17 s
 def test_ctrl_c_in_a_sweep_names_the_command_that_continues_every_unfinished_job(tmp_path):
     folder = tmp_path / "sweep"
     sweep = ["train", "-m", "seed=0,1,2", *TINY, f"hydra.sweep.dir={folder}"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 import torch
@@ -12,8 +13,6 @@ import yaml
 from conftest import assert_resumes_exactly, final_accuracy, run_experiment
 
 from incr_cli import checkpoint
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +119,8 @@ def test_accuracy_matrix_csv_matches_metrics_json(p1_runs):
 
 def test_a_run_directory_holds_plots_checkpoints_config_and_log(p1_runs):
     run_dir, metrics = p1_runs["replay"]
-    for plot in ("accuracy_matrix.png", "average_accuracy.png"):
-        assert (run_dir / plot).read_bytes()[:8] == PNG_SIGNATURE, plot
+    for figure in ("accuracy_matrix.svg", "average_accuracy.svg"):
+        assert ElementTree.parse(run_dir / figure).getroot().tag == "{http://www.w3.org/2000/svg}svg", figure
     for name in [f"task_{k}.pt" for k in range(1, 6)] + ["last.pt"]:
         assert (run_dir / "checkpoints" / name).is_file(), name
     last = checkpoint.load(run_dir / "checkpoints" / "last.pt")
