@@ -12,6 +12,8 @@ import pytest
 import torch
 from conftest import incr, run_experiment
 
+from incr_cli.cli import main
+
 SETTINGS = ["strategy=finetune", "epochs=2", "progress=false"]
 
 
@@ -63,25 +65,12 @@ def test_ddp_outside_torchrun_is_a_one_line_error(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_a_strategy_with_per_batch_state_is_refused_under_ddp(tmp_path, monkeypatch):
+def test_a_strategy_with_per_batch_state_is_refused_under_ddp(tmp_path, monkeypatch, capsys):
     # DER stores each batch's logits: a rank sees only its slice, so the memories would differ.
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "incr_cli",
-            "train",
-            "hardware=ddp",
-            "strategy=der",
-            f"hydra.run.dir={tmp_path}/r",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ},
-    )
-    assert result.returncode == 2
-    assert "DarkExperienceReplay does not run under hardware=ddp yet; strategies that do: " in result.stderr
-    assert "finetune" in result.stderr and "replay" in result.stderr
+    assert main(["train", "hardware=ddp", "strategy=der", f"hydra.run.dir={tmp_path}/r"]) == 2
+    error = capsys.readouterr().err
+    assert "DarkExperienceReplay does not run under hardware=ddp yet; strategies that do: " in error
+    assert "finetune" in error and "replay" in error
+    assert not (tmp_path / "r").exists()
