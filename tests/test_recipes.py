@@ -14,6 +14,7 @@ SGD, ADAM = "torch.optim.SGD", "torch.optim.Adam"
 MLP = "incr_cli.models.mlp.MLP"
 RESNET18, RESNET32 = "incr_cli.models.resnet.ResNet18", "incr_cli.models.resnet.ResNet32"
 MULTISTEP = "torch.optim.lr_scheduler.MultiStepLR"
+IMAGENET_STEM = {"width": 64, "stem": "imagenet"}
 
 # dataset: (model target, model values, (lr, momentum, weight decay), scheduler, epochs, batch, (crop, flip))
 RECIPES = {
@@ -31,7 +32,18 @@ RECIPES = {
     "cifar100": (RESNET32, {"width": 16}, (0.1, 0.9, 0.0005), ([60, 120, 170], 0.1), 200, 128, (4, True)),
     "image_folder": (RESNET18, {"width": 64}, (0.01, 0.9, 0.0), None, 20, 32, (4, True)),
     "synthetic": (MLP, {"hidden_sizes": [256, 256]}, (0.05, 0.9, 0.0), None, 10, 32, (4, True)),
+    # PODNet's ImageNet configs: lr 0.05, weight decay 1e-4, batch 64, 90 epochs, cosine schedule
+    "imagenet": (RESNET18, IMAGENET_STEM, (0.05, 0.9, 0.0001), "cosine", 90, 64, (0, True)),
+    # DER paper, Seq-TinyImg (Mammoth): ResNet-18, 100 epochs, batch 32, lr 0.03, crop 4 + flip
+    "tiny_imagenet": (RESNET18, {"width": 64}, (0.03, 0.0, 0.0), None, 100, 32, (4, True)),
+    "core50": (RESNET18, IMAGENET_STEM, (0.01, 0.9, 0.0), None, 10, 64, (0, True)),
 }
+LISTS_FOLDERS = (
+    "image_folder",
+    "imagenet",
+    "tiny_imagenet",
+    "core50",
+)  # their checks list files a test has not
 
 
 def test_every_data_set_has_a_recipe_of_its_name():
@@ -54,12 +66,14 @@ def test_choosing_a_data_set_composes_its_recipe(name):
     }
     if scheduler is None:
         assert cfg.scheduler is None
+    elif scheduler == "cosine":
+        assert cfg.scheduler._target_ == "torch.optim.lr_scheduler.CosineAnnealingLR"
     else:
         assert cfg.scheduler._target_ == MULTISTEP
         assert (list(cfg.scheduler.milestones), cfg.scheduler.gamma) == scheduler
     assert (cfg.epochs, cfg.batch_size) == (epochs, batch)
     assert (cfg.dataset.augment.crop_padding, cfg.dataset.augment.horizontal_flip) == (crop, flip)
-    if name == "image_folder":  # its checks list the folder, which a test has not
+    if name in LISTS_FOLDERS:
         check_recipe(cfg)
     else:
         check_config(cfg, check_data=False)

@@ -8,6 +8,7 @@ import logging
 import math
 import os
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,9 @@ class Listing:
         return sum(len(f) for per_class in self.files.values() for f in per_class)
 
 
+Lister = Callable[[Path], Listing]  # a data set's layout under its folder -> what it holds
+
+
 @dataclass
 class FolderPlan:
     """The checked settings of `dataset=image_folder` and the folder's listing."""
@@ -77,9 +81,11 @@ def check_images(dataset: DictConfig, data: DictConfig) -> None:
         check_image_folder(dataset)
 
 
-def check_image_folder(dataset: DictConfig) -> FolderPlan:
+def check_image_folder(dataset: DictConfig, lister: Lister | None = None) -> FolderPlan:
     """List the folder (decoding nothing) and fill dataset.num_classes and dataset.input_shape where they are
-    null, or check them against the folder; raises ConfigError for a folder that cannot be trained on."""
+    null, or check them against the folder; raises ConfigError for a folder that cannot be trained on.
+    `lister`: a data set's own layout (ImageNet's val/, Tiny-ImageNet's annotation file, CORe50's sessions)
+    instead of image_folder's class folders."""
     root = _root(dataset.get("folder"))
     size = _image_size(dataset.get("image_size"))
     channels = dataset.get("channels")
@@ -100,7 +106,7 @@ def check_image_folder(dataset: DictConfig) -> FolderPlan:
     if limit is not None and not limit > 0:
         raise ConfigError(f"dataset.max_decoded_gb={limit} must be positive, or null for no limit")
 
-    listing = list_folder(root, test_fraction)
+    listing = lister(root) if lister is not None else list_folder(root, test_fraction)
     if listing.left_out and on_bad_file == "stop":
         raise ConfigError(
             f"class folder {listing.left_out[0]} (dataset.on_bad_file=stop); add images, remove "
@@ -191,21 +197,21 @@ def load_folder_domains(dataset: DictConfig, data: DictConfig) -> Source:
     )
 
 
-def load_image_folder(dataset: DictConfig, data: DictConfig) -> Source:
+def load_image_folder(dataset: DictConfig, data: DictConfig, lister: Lister | None = None) -> Source:
     """The folder's images as uint8 [N, C, H, W] and int64 labels, from the cache when the files are unchanged.
     A null dataset.mean or std is filled in with the training images' own (`fill_normalization`).
 
     Above dataset.memory_map_gb of decoded pixels, the images are decoded straight into .npy files beside the
     cache and memory-mapped: a batch, a memory update or an evaluation reads only its rows from disk, through
     the same index slices as the in-memory path, so a folder larger than the RAM trains on the CPU."""
-    source, sums = _load(dataset, data)
+    source, sums = _load(dataset, data, lister)
     fill_normalization(dataset, sums)
     return source
 
 
-def _load(dataset: DictConfig, data: DictConfig) -> tuple[Source, dict]:
+def _load(dataset: DictConfig, data: DictConfig, lister: Lister | None = None) -> tuple[Source, dict]:
     """The folder as a Source, and the per-channel pixel sums of its training images (cached with them)."""
-    plan = check_image_folder(dataset)
+    plan = check_image_folder(dataset, lister)
     listing = plan.listing
     cache = _cache_path(Path(str(data.root)).expanduser(), plan)
     threshold = dataset.get("memory_map_gb")
@@ -236,7 +242,6 @@ def _load(dataset: DictConfig, data: DictConfig) -> tuple[Source, dict]:
 
 # ------------------------------------------------------------------------------------------------ listing
 def list_folder(root: Path, test_fraction: float) -> Listing:
-    ignored: list[Path] = []
     has_train, has_test = (root / "train").is_dir(), (root / "test").is_dir()
     if has_train != has_test:
         have, missing = ("train", "test") if has_train else ("test", "train")
@@ -244,46 +249,60 @@ def list_folder(root: Path, test_fraction: float) -> Listing:
             f"{root} has {have}/ but no {missing}/: give both train/<class>/ and test/<class>/, or put "
             f"the class folders directly in {root} and let dataset.test_fraction split them"
         )
-    left_out: list[str] = []
     if has_train:
-        splits = {split: _class_files(root / split, ignored) for split in ("train", "test")}
-        ignored.extend(p for p in sorted(root.iterdir()) if p.name not in ("train", "test") and p.is_file())
-        classes = []
-        for name in sorted(set(splits["train"]) | set(splits["test"])):
-            empty = [split for split in ("train", "test") if not splits[split].get(name)]
-            if empty:
-                left_out.append(
-                    f"{root / empty[0] / name} has no images (a class needs both train and test images)"
-                )
-            else:
-                classes.append(name)
-        files = {split: [splits[split][name] for name in classes] for split in ("train", "test")}
-        layout = "train/test"
-    else:
-        if test_fraction == 0:
-            raise ConfigError(
-                f"{root} has no train/ and test/ folders and dataset.test_fraction=0 holds out no "
-                "test images; set dataset.test_fraction (e.g. 0.2) or split the folder into train/ and test/"
+        return list_split_folders(root, "train", "test")
+    if test_fraction == 0:
+        raise ConfigError(
+            f"{root} has no train/ and test/ folders and dataset.test_fraction=0 holds out no "
+            "test images; set dataset.test_fraction (e.g. 0.2) or split the folder into train/ and test/"
+        )
+    ignored: list[Path] = []
+    per_class = _class_files(root, ignored)
+    classes, left_out = [], []
+    for name in sorted(per_class):
+        count = len(per_class[name])
+        if count >= 2:
+            classes.append(name)
+        else:
+            left_out.append(
+                f"{root / name} has {'no images' if count == 0 else 'one image'} "
+                "(a class needs two: one to train on, one to test)"
             )
-        per_class = _class_files(root, ignored)
-        classes = []
-        for name in sorted(per_class):
-            count = len(per_class[name])
-            if count >= 2:
-                classes.append(name)
-            else:
-                left_out.append(
-                    f"{root / name} has {'no images' if count == 0 else 'one image'} "
-                    "(a class needs two: one to train on, one to test)"
-                )
-        files = {"all": [per_class[name] for name in classes]}
-        layout = "one tree"
+    _require_classes(root, classes)
+    return Listing(
+        root, "one tree", classes, {"all": [per_class[name] for name in classes]}, left_out, ignored
+    )
+
+
+def list_split_folders(root: Path, train: str, test: str) -> Listing:
+    """root/<train>/<class>/ and root/<test>/<class>/ (image_folder's train/ and test/, ImageNet's train/ and
+    val/): a class needs images in both; the listing names the two splits train and test."""
+    ignored: list[Path] = []
+    splits = {split: _class_files(root / split, ignored) for split in (train, test)}
+    ignored.extend(p for p in sorted(root.iterdir()) if p.name not in (train, test) and p.is_file())
+    classes, left_out = [], []
+    for name in sorted(set(splits[train]) | set(splits[test])):
+        empty = [split for split in (train, test) if not splits[split].get(name)]
+        if empty:
+            left_out.append(
+                f"{root / empty[0] / name} has no images (a class needs both {train} and {test} images)"
+            )
+        else:
+            classes.append(name)
+    _require_classes(root, classes)
+    files = {
+        "train": [splits[train][name] for name in classes],
+        "test": [splits[test][name] for name in classes],
+    }
+    return Listing(root, "train/test", classes, files, left_out, ignored)
+
+
+def _require_classes(root: Path, classes: list[str]) -> None:
     if not classes:
         raise ConfigError(
             f"found no class folder with images in {root}; expected {root}/<class>/*.png (or "
             f"{', '.join(IMAGE_SUFFIXES[1:])}), or {root}/train/<class>/ and {root}/test/<class>/"
         )
-    return Listing(root, layout, classes, files, left_out, ignored)
 
 
 def _class_files(folder: Path, ignored: list[Path]) -> dict[str, list[Path]]:
