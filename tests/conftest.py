@@ -146,9 +146,7 @@ def tiny_context(model, pixels: list, labels: list[int], tasks: list[list[int]],
     tuple of W numbers each, full intensity 1), three classes split into `tasks`, no test set, plain SGD."""
     from omegaconf import OmegaConf
 
-    from incr_cli.data.batches import Preprocess
     from incr_cli.data.stream import Stream, Task
-    from incr_cli.strategies.base import Context
 
     train_x = torch.tensor(pixels, dtype=torch.uint8).reshape(len(labels), 1, 1, -1)
     dataset = OmegaConf.create(
@@ -169,13 +167,23 @@ def tiny_context(model, pixels: list, labels: list[int], tasks: list[list[int]],
     stream = Stream(
         train_x, train_y, train_x[:0], empty, stream_tasks, [0, 1, 2], ["0", "1", "2"], max_value=1
     )
+    return cpu_context(model, stream, dataset, batch_size=batch_size)
+
+
+def cpu_context(model, stream, dataset, max_value: int = 1, batch_size: int = 1, optimizer=None, rng=None):
+    """A Context for one epoch on the CPU (seed 0) around `model` and `stream`: `dataset`'s preprocessing of
+    pixels whose full intensity is `max_value`; SGD lr 0.1 unless `optimizer` (a function of the parameters);
+    a generator seeded 0 unless `rng`."""
+    from incr_cli.data.batches import Preprocess
+    from incr_cli.strategies.base import Context
+
     return Context(
         model,
         stream,
-        Preprocess(dataset, 1, torch.device("cpu")),
-        torch.Generator().manual_seed(0),
+        Preprocess(dataset, max_value, torch.device("cpu")),
+        torch.Generator().manual_seed(0) if rng is None else rng,
         torch.device("cpu"),
-        lambda p: torch.optim.SGD(p, lr=0.1),
+        optimizer or (lambda p: torch.optim.SGD(p, lr=0.1)),
         batch_size=batch_size,
         epochs=1,
         seed=0,

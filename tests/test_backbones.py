@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import run_experiment
+from conftest import cpu_context, run_experiment
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-from incr_cli.data.batches import Preprocess
 from incr_cli.data.stream import Stream
 from incr_cli.errors import ConfigError
 from incr_cli.memory import Memory
@@ -18,7 +17,6 @@ from incr_cli.models.convnet import CifarCNN, ConvNet
 from incr_cli.models.head import IncrementalNet
 from incr_cli.models.mlp import MLP
 from incr_cli.models.resnet import ResNet18, ResNet32
-from incr_cli.strategies.base import Context
 from incr_cli.strategies.lucir import LUCIR
 from incr_cli.strategies.podnet import PODNet
 
@@ -88,16 +86,8 @@ def setup_on(strategy, backbone: nn.Module) -> None:
         }
     )
     strategy.setup(
-        Context(
-            IncrementalNet(backbone, 2),
-            stream,
-            Preprocess(dataset, 1, torch.device("cpu")),
-            torch.Generator(),
-            torch.device("cpu"),
-            torch.optim.SGD,
-            batch_size=1,
-            epochs=1,
-            seed=0,
+        cpu_context(
+            IncrementalNet(backbone, 2), stream, dataset, optimizer=torch.optim.SGD, rng=torch.Generator()
         )
     )
 

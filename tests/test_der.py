@@ -8,17 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_resumes_exactly, final_accuracy, needs_fashion_mnist, run_experiment
+from conftest import assert_resumes_exactly, cpu_context, final_accuracy, needs_fashion_mnist, run_experiment
 from omegaconf import OmegaConf
 from torch import nn
 
 from incr_cli import checkpoint
-from incr_cli.data.batches import Batch, Preprocess
+from incr_cli.data.batches import Batch
 from incr_cli.data.stream import Stream, Task
 from incr_cli.memory import Memory
 from incr_cli.models.head import IncrementalNet
 from incr_cli.step import Hardware, StepRunner
-from incr_cli.strategies.base import Context
 from incr_cli.strategies.der import DarkExperienceReplay
 from incr_cli.strategies.xder import (
     ExtendedDarkExperienceReplay,
@@ -74,17 +73,7 @@ def tiny_setup(strategy, head_rows, seen: int, tasks: list[list[int]], train_x=N
         max_value=1,
     )
     rng = torch.Generator().manual_seed(0)
-    context = Context(
-        model,
-        stream,
-        Preprocess(dataset, 1, torch.device("cpu")),
-        rng,
-        torch.device("cpu"),
-        lambda p: torch.optim.SGD(p, lr=0.1),
-        batch_size=2,
-        epochs=1,
-        seed=0,
-    )
+    context = cpu_context(model, stream, dataset, batch_size=2, rng=rng)
     strategy.setup(context)
     return strategy
 

@@ -10,12 +10,12 @@ from itertools import pairwise
 
 import pytest
 import torch
-from conftest import assert_resumes_exactly, run_experiment
+from conftest import assert_resumes_exactly, cpu_context, run_experiment
 from omegaconf import OmegaConf
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from incr_cli.data.batches import Batch, Preprocess
+from incr_cli.data.batches import Batch
 from incr_cli.data.stream import Stream, Task
 from incr_cli.memory import Memory
 from incr_cli.models.convnet import CifarCNN, ConvNet
@@ -23,7 +23,6 @@ from incr_cli.models.expandable import ExpandableBackbone
 from incr_cli.models.head import IncrementalClassifier, IncrementalNet
 from incr_cli.models.mlp import MLP
 from incr_cli.models.resnet import ResNet18, ResNet32
-from incr_cli.strategies.base import Context
 from incr_cli.strategies.der_expandable import (
     DynamicallyExpandableRepresentation,
     auxiliary_targets,
@@ -69,17 +68,7 @@ def tiny_der(aux_weight: float = 1.0, **options) -> DynamicallyExpandableReprese
     tasks = [Task(0, [0, 1], empty, empty, empty), Task(1, [2], empty, empty, empty)]
     train_x = torch.zeros(0, 1, 1, 2, dtype=torch.uint8)
     stream = Stream(train_x, empty, train_x, empty, tasks, [0, 1, 2], ["0", "1", "2"], max_value=1)
-    context = Context(
-        model,
-        stream,
-        Preprocess(dataset, 1, torch.device("cpu")),
-        torch.Generator().manual_seed(0),
-        torch.device("cpu"),
-        lambda p: torch.optim.SGD(p, lr=0.1),
-        batch_size=2,
-        epochs=1,
-        seed=0,
-    )
+    context = cpu_context(model, stream, dataset, batch_size=2)
     strategy = DynamicallyExpandableRepresentation(
         Memory(size=0, selection="herding"), aux_weight=aux_weight, **options
     )
@@ -188,17 +177,7 @@ def der_with_memory(**options) -> DynamicallyExpandableRepresentation:
         Task(1, [2], torch.arange(16, 18), empty, empty),
     ]
     stream = Stream(train_x, train_y, train_x, train_y, tasks, [0, 1, 2], ["0", "1", "2"], max_value=2)
-    context = Context(
-        model,
-        stream,
-        Preprocess(dataset, 2, torch.device("cpu")),
-        torch.Generator().manual_seed(0),
-        torch.device("cpu"),
-        lambda p: torch.optim.SGD(p, lr=0.1),
-        batch_size=64,
-        epochs=1,
-        seed=0,
-    )
+    context = cpu_context(model, stream, dataset, max_value=2, batch_size=64)
     strategy = DynamicallyExpandableRepresentation(Memory(size=4, selection="class_balanced"), **options)
     strategy.setup(context)
     model.head.grow(2)

@@ -8,16 +8,15 @@ import math
 
 import pytest
 import torch
-from conftest import assert_resumes_exactly, run_experiment
+from conftest import assert_resumes_exactly, cpu_context, run_experiment
 from omegaconf import OmegaConf
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from incr_cli.data.batches import Batch, Preprocess
+from incr_cli.data.batches import Batch
 from incr_cli.data.stream import Stream, Task
 from incr_cli.memory import Memory
 from incr_cli.models.head import IncrementalNet
-from incr_cli.strategies.base import Context
 from incr_cli.strategies.foster import (
     FeatureBoostingAndCompression,
     class_balanced_weights,
@@ -120,17 +119,7 @@ def tiny_foster(**options) -> FeatureBoostingAndCompression:
         train_x, train_y, train_x, train_y, tasks, [0, 1, 2, 3], ["0", "1", "2", "3"], max_value=1
     )
     run_optimizer = lambda p: torch.optim.SGD(p, lr=0.05, weight_decay=5e-4)  # noqa: E731
-    context = Context(
-        model,
-        stream,
-        Preprocess(dataset, 1, torch.device("cpu")),
-        torch.Generator().manual_seed(0),
-        torch.device("cpu"),
-        run_optimizer,
-        batch_size=64,
-        epochs=1,
-        seed=0,
-    )
+    context = cpu_context(model, stream, dataset, batch_size=64, optimizer=run_optimizer)
     strategy = FeatureBoostingAndCompression(Memory(size=0, selection="herding"), **options)
     strategy.setup(context)
     model.head.grow(2)

@@ -9,18 +9,17 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_resumes_exactly, run_experiment
+from conftest import assert_resumes_exactly, cpu_context, run_experiment
 from omegaconf import OmegaConf
 from test_podnet import run_recording_finetuning
 from torch import nn
 
-from incr_cli.data.batches import Batch, Preprocess
+from incr_cli.data.batches import Batch
 from incr_cli.data.stream import Stream, Task
 from incr_cli.memory import Memory
 from incr_cli.models.head import IncrementalNet
 from incr_cli.models.resnet import ResNet18, ResNet32
 from incr_cli.step import Hardware, StepRunner
-from incr_cli.strategies.base import Context
 from incr_cli.strategies.cosine import embed, embedding_distillation
 from incr_cli.strategies.lucir import LUCIR, margin_ranking_loss
 
@@ -64,16 +63,8 @@ def lucir_after_first_task(**options) -> LUCIR:
     model = IncrementalNet(Identity(), 3)
     lucir = LUCIR(Memory(size=4, selection="herding"), **options)
     lucir.setup(
-        Context(
-            model,
-            stream,
-            Preprocess(OmegaConf.create(TWO_PIXELS), 10, torch.device("cpu")),
-            torch.Generator().manual_seed(0),
-            torch.device("cpu"),
-            torch.optim.SGD,
-            batch_size=4,
-            epochs=1,
-            seed=0,
+        cpu_context(
+            model, stream, OmegaConf.create(TWO_PIXELS), max_value=10, batch_size=4, optimizer=torch.optim.SGD
         )
     )
     for task in stream.tasks:
@@ -182,19 +173,7 @@ def lucir_on_two_pixels(sigma: float, total_classes: int = 3) -> LUCIR:
     labels = list(range(total_classes))
     stream = Stream(empty, empty, empty, empty, [], labels, [str(c) for c in labels], max_value=1)
     lucir = LUCIR(Memory(size=0), sigma=sigma)
-    lucir.setup(
-        Context(
-            model,
-            stream,
-            Preprocess(dataset, 1, torch.device("cpu")),
-            torch.Generator(),
-            torch.device("cpu"),
-            torch.optim.SGD,
-            batch_size=1,
-            epochs=1,
-            seed=0,
-        )
-    )
+    lucir.setup(cpu_context(model, stream, dataset, optimizer=torch.optim.SGD, rng=torch.Generator()))
     return lucir
 
 

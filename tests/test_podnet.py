@@ -8,17 +8,16 @@ import math
 
 import pytest
 import torch
-from conftest import assert_resumes_exactly, run_experiment
+from conftest import assert_resumes_exactly, cpu_context, run_experiment
 from omegaconf import OmegaConf
 
-from incr_cli.data.batches import Batch, Preprocess
+from incr_cli.data.batches import Batch
 from incr_cli.data.stream import Stream, Task
 from incr_cli.memory import Memory
 from incr_cli.models.head import IncrementalNet
 from incr_cli.models.mlp import MLP
 from incr_cli.models.resnet import ResNet32
 from incr_cli.step import Hardware, StepRunner
-from incr_cli.strategies.base import Context
 from incr_cli.strategies.cosine import embed, embedding_distillation
 from incr_cli.strategies.podnet import PODNet, local_similarity, nca_loss, pod_spatial
 
@@ -115,19 +114,7 @@ def podnet_after_first_task(**options) -> PODNet:
     torch.manual_seed(0)
     model = IncrementalNet(MLP((2, 1, 1), [4, 4]), 3)
     podnet = PODNet(Memory(size=4, selection="herding"), proxies_per_class=2, **options)
-    podnet.setup(
-        Context(
-            model,
-            stream,
-            Preprocess(dataset, 10, torch.device("cpu")),
-            torch.Generator().manual_seed(0),
-            torch.device("cpu"),
-            torch.optim.SGD,
-            batch_size=4,
-            epochs=1,
-            seed=0,
-        )
-    )
+    podnet.setup(cpu_context(model, stream, dataset, max_value=10, batch_size=4, optimizer=torch.optim.SGD))
     for task in stream.tasks:
         model.head.grow(task.classes[-1] + 1)
         podnet.before_task(task)
