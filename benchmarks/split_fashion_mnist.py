@@ -15,6 +15,8 @@ job's metrics.json, and prints a markdown section comparing both with the refere
 Run it on a quiet machine (other processes on the 2 cores ruin the timings), from the repository root:
     python benchmarks/split_fashion_mnist.py --write     # replaces this benchmark's section of docs/benchmarks.md
     python benchmarks/split_fashion_mnist.py --seeds 0   # a one-seed smoke run; prints, writes nothing
+An interrupted run goes on where it stopped when given the same folder: `--out outputs/benchmarks/...` (each method
+finished there is read back; the plain loop's results too).
 """
 
 from __future__ import annotations
@@ -82,6 +84,8 @@ METHODS = {
     # mer is left out of the default list: s*k = 100 times fine-tuning's work (about 400 s a run here).
 }
 PLAIN_LOOP_METHODS = ("finetune", "joint", "replay")
+PROCESS_SECONDS = "process_seconds.json"  # a finished multirun's wall time, written beside its runs
+PLAIN_LOOP_RESULTS = "plain_loop.json"  # the plain loop's results for the method, one per seed
 COMMON = ["experiment=split_fashion_mnist", "hardware=cpu", "hardware.num_threads=2", "progress=false"]
 
 
@@ -145,8 +149,21 @@ def incr_command(method: str, seeds: list[int], sweep_dir: Path) -> list[str]:
     ]
 
 
+def finished_runs(method: str, seeds: list[int], sweep_dir: Path) -> tuple[list[dict], float] | None:
+    """A method's multirun that an earlier invocation with the same --out completed (every seed's metrics.json and
+    the recorded wall time), or None."""
+    timing = sweep_dir / PROCESS_SECONDS
+    runs = [json.loads(path.read_text()) for path in sorted(sweep_dir.glob("*/metrics.json"))]
+    found = sorted((run["run"]["strategy"], run["run"]["seed"]) for run in runs)
+    if not timing.exists() or found != sorted((method, seed) for seed in seeds):
+        return None
+    return runs, json.loads(timing.read_text())["seconds"]
+
+
 def run_incr(method: str, seeds: list[int], sweep_dir: Path) -> tuple[list[dict], float]:
     """One multirun over the seeds; returns every job's metrics.json and the process's wall time."""
+    if sweep_dir.exists():  # an interrupted multirun: start the method again from nothing
+        shutil.rmtree(sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     log = sweep_dir / "incr.log"
     started = time.perf_counter()
@@ -164,6 +181,7 @@ def run_incr(method: str, seeds: list[int], sweep_dir: Path) -> tuple[list[dict]
     found = sorted((run["run"]["strategy"], run["run"]["seed"]) for run in runs)
     if found != sorted((method, seed) for seed in seeds):
         raise SystemExit(f"{sweep_dir} does not hold one {method} run per seed {seeds}; see {log}")
+    (sweep_dir / PROCESS_SECONDS).write_text(json.dumps({"seconds": wall}))
     return runs, wall
 
 
@@ -254,7 +272,7 @@ def git_revision() -> str:
     )
 
 
-def render(rows: list[Row], command: str, incr_commands: list[str], seeds: list[int]) -> str:
+def render(rows: list[Row], command: str, incr_commands: list[str], seeds: list[int], revision: str) -> str:
     plain = {row.name.removeprefix("plain loop, "): row for row in rows if row.name.startswith("plain loop")}
     plain_finetune = plain["finetune"].train_seconds if "finetune" in plain else float("nan")
     slowdown = plain_finetune / REFERENCE["plain loop, finetune"].train_seconds
@@ -262,7 +280,7 @@ def render(rows: list[Row], command: str, incr_commands: list[str], seeds: list[
         "## Split Fashion-MNIST, MLP, class-incremental",
         "",
         f"Produced by `{command}` on {datetime.date.today().isoformat()}, seeds {','.join(map(str, seeds))}, "
-        f"incr at git {git_revision()}.",
+        f"incr at git {revision}.",
         f"Machine: {machine()}.",
         "Timings are medians over the seeds on a shared, noisy machine: compare the ratios of runs made at the same "
         "time, not seconds across pages. Protocol: Fashion-MNIST, 5 tasks of 2 classes, MLP 784-400-400-10, SGD "
@@ -358,7 +376,8 @@ def main() -> None:
         "--out",
         type=Path,
         default=None,
-        help="where the incr sweeps go (default: outputs/benchmarks/split_fashion_mnist/<date_time>/)",
+        help="where the incr sweeps go (default: outputs/benchmarks/split_fashion_mnist/<date_time>/); a method "
+        "this folder already holds finished, from an earlier invocation, is read back instead of run again",
     )
     parser.add_argument(
         "--write",
@@ -384,20 +403,27 @@ def main() -> None:
     ).resolve()
     command = shlex.join(["python", "benchmarks/split_fashion_mnist.py", *sys.argv[1:]])
 
+    revision = git_revision()  # at the start: the code the runs use, whatever is edited while they go
     data = plain_loop.load_fashion_mnist()
     incr_rows, plain_rows, incr_commands = [], [], []
     for method in methods:
         # incr and the plain loop back to back, so that both see the machine in the same state.
-        print(f"{method}: incr, seeds {seeds} ...", flush=True)
-        runs, process_seconds = run_incr(method, seeds, out / method)
+        finished = finished_runs(method, seeds, out / method)
+        print(f"{method}: incr, seeds {seeds}{' (finished earlier)' if finished else ''} ...", flush=True)
+        runs, process_seconds = finished or run_incr(method, seeds, out / method)
         shown_dir = (out / method).relative_to(REPO) if out.is_relative_to(REPO) else out / method
         incr_commands.append(shlex.join(incr_command(method, seeds, shown_dir)))
         incr_rows.append(incr_row(method, runs, process_seconds))
         if method in PLAIN_LOOP_METHODS:
-            print(f"{method}: plain loop, seeds {seeds} ...", flush=True)
-            plain_rows.append(plain_loop_row(method, [plain_loop.run(method, seed, data) for seed in seeds]))
+            results_file = out / method / PLAIN_LOOP_RESULTS
+            results = json.loads(results_file.read_text()) if results_file.exists() else []
+            if sorted(result["seed"] for result in results) != sorted(seeds):
+                print(f"{method}: plain loop, seeds {seeds} ...", flush=True)
+                results = [plain_loop.run(method, seed, data) for seed in seeds]
+                results_file.write_text(json.dumps(results))
+            plain_rows.append(plain_loop_row(method, results))
 
-    section = render(incr_rows + plain_rows, command, incr_commands, seeds)
+    section = render(incr_rows + plain_rows, command, incr_commands, seeds, revision)
     if args.write is None:
         print(section)
     else:
