@@ -78,6 +78,7 @@ class HardwareConfig:
     channels_last: bool = False
     compile: bool = False
     distributed: bool = False
+    device_data_gb: float | None = None
 
 
 @dataclass
@@ -520,6 +521,12 @@ def _check_hardware(hardware: DictConfig) -> None:
     _check_choice("hardware.amp_dtype", hardware.amp_dtype, AMP_DTYPES)
     if hardware.num_threads is not None and hardware.num_threads < 1:
         raise ConfigError(f"hardware.num_threads={hardware.num_threads} must be a positive integer or null")
+    budget = hardware.get("device_data_gb")
+    if budget is not None and not budget >= 0:
+        raise ConfigError(
+            f"hardware.device_data_gb={budget} must be 0 or more (0 streams every data set), or null for half "
+            "of the device's free memory"
+        )
     if hardware.distributed:
         from incr_cli.distributed import launched_by_torchrun
 

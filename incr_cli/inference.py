@@ -352,6 +352,7 @@ def evaluate(loaded: Loaded, overrides: Sequence[str] = (), split: str | None = 
     `split="folder"` (the default when dataset.folder is given) scores every image of the folder instead, each
     in the task the run trained its class in."""
     from incr_cli import evaluation
+    from incr_cli.data.streamed import place
     from incr_cli.step import Hardware
 
     split = eval_split(loaded, overrides, split)
@@ -360,7 +361,7 @@ def evaluate(loaded: Loaded, overrides: Sequence[str] = (), split: str | None = 
         stream, skipped = folder_stream(loaded, cfg, overrides)
     else:
         stream, skipped = test_stream(loaded, cfg), []
-    stream = stream.to(loaded.device)
+    stream = place(stream, loaded.device, cfg.hardware)
     if cfg.dataset.scenario == "domain_il":  # every task has every class: the first domains are the trained
         seen_tasks = min(loaded.trained_tasks, len(stream.tasks))
     else:
@@ -424,7 +425,11 @@ def test_stream(loaded: Loaded, cfg: DictConfig):
         )
     # pixels at the model's levels, then the model's own scaling and normalisation
     split = "test_x" if cfg.evaluate_on == "test" else "train_x"
-    setattr(stream, split, to_levels(getattr(stream, split), stream.max_value, loaded.max_value))
+    images = getattr(stream, split)
+    converted = to_levels(images, stream.max_value, loaded.max_value)
+    if converted is not images:  # no longer the cache's memory-mapped file
+        setattr(stream, split, converted)
+        stream.image_files = {k: v for k, v in stream.image_files.items() if k != split}
     return stream
 
 

@@ -17,6 +17,7 @@ from incr_cli import checkpoint
 from incr_cli.config import to_container
 from incr_cli.data.sources import load_source
 from incr_cli.data.stream import Stream, build_stream
+from incr_cli.data.streamed import place
 from incr_cli.errors import ConfigError
 from incr_cli.loggers import RunLoggers
 
@@ -40,11 +41,12 @@ def seed_everything(seed: int) -> None:
 
 
 def load_stream(cfg: DictConfig, device: torch.device) -> tuple[Stream, dict]:
-    """The data set cut into tasks, on the device; and the config as trained, with what loading filled in
+    """The data set cut into tasks, on the device (its images streamed when they exceed the device budget,
+    hardware.device_data_gb); and the config as trained, with what loading filled in
     (dataset=image_folder's computed mean and std): checkpoints carry it to `incr eval` and `incr predict`."""
     source = load_source(cfg.dataset.name, cfg.data, cfg.dataset)
     config = to_container(cfg)
-    return build_stream(source, cfg.dataset).to(device), config
+    return place(build_stream(source, cfg.dataset), device, cfg.hardware), config
 
 
 def open_loggers(cfg: DictConfig, run_dir: Path, config: dict, position, writes: bool) -> RunLoggers:

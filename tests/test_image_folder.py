@@ -335,3 +335,19 @@ def test_a_folder_over_memory_map_gb_trains_from_disk_to_the_same_numbers(digit_
     on_disk = np.load(train_file, mmap_mode="r")
     assert torch.equal(source.train_x, torch.from_numpy(np.array(on_disk)))
     assert not source.train_x.untyped_storage().resizable()  # not an ordinary tensor: memory it does not own
+
+
+def test_a_memory_mapped_folder_streamed_from_its_files_trains_to_the_same_numbers(digit_run, tmp_path):
+    # device budget 0: rows are read from the cache's .npy files by the background reader (pread), not through
+    # the memory map; the run must still equal the in-memory one
+    settings = [
+        *DIGIT_RUN,
+        f"dataset.folder={digit_run['folder']}",
+        f"data.root={tmp_path / 'data'}",
+        "dataset.memory_map_gb=0",
+        "hardware.device_data_gb=0",
+    ]
+    metrics = run_experiment(tmp_path / "run", settings)
+    assert "streamed to cpu from the cache's files on disk" in (tmp_path / "run" / "train.log").read_text()
+    for scenario in ("class_il", "task_il"):
+        assert metrics[scenario]["accuracy_matrix"] == digit_run["metrics"][scenario]["accuracy_matrix"]

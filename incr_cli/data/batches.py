@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from incr_cli import distributed
+from incr_cli.data.streamed import StreamedImages, prefetched
 
 
 @dataclass
@@ -46,16 +47,27 @@ class DeviceBatches:
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_000 + self.task_id * 1_000 + epoch)
-        order = self.index[torch.randperm(len(self.index), generator=generator).to(self.index.device)]
-        for first in range(start * self.batch_size, len(order), self.batch_size):
-            rows, weight = distributed.shard(order[first : first + self.batch_size])
-            yield Batch(self.x[rows], self.y[rows], weight)
+        permutation = torch.randperm(len(self.index), generator=generator)
+        if isinstance(self.x, StreamedImages):  # rows stay on the host, where the reading thread needs them
+            order = self.index.cpu()[permutation]
+        else:
+            order = self.index[permutation.to(self.index.device)]
+        # hardware=ddp: each rank reads only its own slice of every global batch
+        shards = (
+            distributed.shard(order[first : first + self.batch_size])
+            for first in range(start * self.batch_size, len(order), self.batch_size)
+        )
+        for x, rows, weight in prefetched(self.x, shards):
+            yield Batch(x, self.y[rows], weight)
 
 
-def eval_batches(x: Tensor, rows: Tensor, batch_size: int) -> Iterator[Tensor]:
-    """x[rows] a batch at a time: a memory-mapped data set is read batch by batch, never whole."""
-    for first in range(0, len(rows), batch_size):
-        yield x[rows[first : first + batch_size]]
+def eval_batches(x: Tensor | StreamedImages, rows: Tensor, batch_size: int) -> Iterator[Tensor]:
+    """x[rows] a batch at a time: a memory-mapped or streamed data set is read batch by batch, never whole."""
+    if isinstance(x, StreamedImages):
+        rows = rows.cpu()
+    chunks = ((rows[first : first + batch_size], 1.0) for first in range(0, len(rows), batch_size))
+    for images, _, _ in prefetched(x, chunks):
+        yield images
 
 
 class Preprocess:

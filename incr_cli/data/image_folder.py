@@ -224,8 +224,10 @@ def _load(dataset: DictConfig, data: DictConfig, lister: Lister | None = None) -
     else:
         where = f"read from the cache {cache}"
     stored = state  # as the cache holds it: memory-mapped splits by their .npy file names
+    files = {}
     if isinstance(state["train_x"], str):
-        state = {**state, **{k: _mapped(cache.parent / state[k]) for k in ("train_x", "test_x")}}
+        files = {k: cache.parent / state[k] for k in ("train_x", "test_x")}
+        state = {**state, **{k: _mapped(path) for k, path in files.items()}}
         where += " (memory-mapped from disk)"
     if "pixel_sums" not in state:  # once per cache: after decoding, or added to a cache written without them
         state["pixel_sums"] = stored["pixel_sums"] = pixel_sums(state["train_x"])
@@ -235,7 +237,12 @@ def _load(dataset: DictConfig, data: DictConfig, lister: Lister | None = None) -
         raise _unreadable(listing.root / skipped[0][0], skipped[0][1])
     _log_report(plan, state, where)
     source = Source(
-        state["train_x"], state["train_y"], state["test_x"], state["test_y"], list(listing.classes)
+        state["train_x"],
+        state["train_y"],
+        state["test_x"],
+        state["test_y"],
+        list(listing.classes),
+        files=files,
     )
     return source, state["pixel_sums"]
 

@@ -3,7 +3,8 @@ one test split."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -21,3 +22,5 @@ class Source:
     # dataset.domains=folders: the domain (sub-folder) of each sample, which becomes its task
     train_domain: torch.Tensor | None = None
     test_domain: torch.Tensor | None = None
+    # "train_x" / "test_x" -> the .npy file that tensor maps, for a memory-mapped cache (read by streamed.py)
+    files: dict[str, Path] = field(default_factory=dict)

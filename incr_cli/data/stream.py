@@ -10,7 +10,8 @@ Three scenarios (`dataset.scenario`, van de Ven et al. 2022, "Three types of inc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -49,13 +50,19 @@ class Stream:
     class_order: list[int]  # original class id of each label
     class_names: list[str]  # by label
     max_value: int
+    # the .npy files that train_x and test_x map, when they are a memory-mapped cache's (streamed.py reads
+    # rows from them directly)
+    image_files: dict[str, Path] = field(default_factory=dict)
 
     @property
     def n_classes(self) -> int:
         return len(self.class_order)
 
-    def to(self, device: torch.device) -> Stream:
-        move = {k: getattr(self, k).to(device) for k in ("train_x", "train_y", "test_x", "test_y")}
+    def to(self, device: torch.device, images: bool = True) -> Stream:
+        """The stream on `device`; with images=False only its labels and indices (the images stay put)."""
+        names = ("train_x", "train_y", "test_x", "test_y") if images else ("train_y", "test_y")
+        move = {k: getattr(self, k) for k in ("train_x", "test_x")}
+        move.update({k: getattr(self, k).to(device) for k in names})
         tasks = [
             Task(t.id, t.classes, t.train_index.to(device), t.val_index.to(device), t.test_index.to(device))
             for t in self.tasks
@@ -66,6 +73,7 @@ class Stream:
             class_order=self.class_order,
             class_names=self.class_names,
             max_value=self.max_value,
+            image_files=self.image_files,
         )
 
     def task_ids(self, labels: torch.Tensor) -> torch.Tensor:
@@ -138,6 +146,7 @@ def build_stream(source: Source, dataset: DictConfig) -> Stream:
         order,
         [source.class_names[c] for c in order],
         source.max_value,
+        source.files,
     )
 
 
@@ -201,6 +210,7 @@ def _folder_domain_stream(source: Source, dataset: DictConfig, classes: list[int
         classes,
         list(source.class_names),
         source.max_value,
+        source.files,
     )
 
 

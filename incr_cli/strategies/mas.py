@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from incr_cli.data.batches import eval_batches
 from incr_cli.data.stream import Task
 from incr_cli.strategies.common.importance_penalty import ImportancePenalty, pad_rows, report_stiffness
 
@@ -46,16 +47,19 @@ class MemoryAwareSynapses(ImportancePenalty):
     def strength(self) -> float:
         return self.mas_lambda
 
-    def sensitivity(self, x: Tensor) -> dict[str, Tensor]:
-        """mean over mini-batches of |d mean_k ||f(x_k)||^2 / d theta| for raw uint8 inputs `x`."""
+    def sensitivity(self, x: Tensor, rows: Tensor | None = None) -> dict[str, Tensor]:
+        """mean over mini-batches of |d mean_k ||f(x_k)||^2 / d theta| for raw uint8 inputs `x` (or its `rows`,
+        read a batch at a time: the task's images need not fit on the device at once)."""
+        if rows is None:
+            rows = torch.arange(len(x), device=self.context.device)
         params = self.parameters()
         names, tensors = list(params), list(params.values())
         totals = [torch.zeros_like(t, dtype=torch.float32) for t in tensors]
         was_training = self.model.training
         self.model.eval()
         size, n_batches = self.context.batch_size, 0
-        for start in range(0, len(x), size):
-            out = self.model(self.context.preprocess(x[start : start + size])).float()
+        for batch in eval_batches(x, rows, size):
+            out = self.model(self.context.preprocess(batch)).float()
             for total, grad in zip(
                 totals, torch.autograd.grad(out.pow(2).sum(1).mean(), tensors), strict=True
             ):
@@ -65,7 +69,7 @@ class MemoryAwareSynapses(ImportancePenalty):
         return {name: total / max(n_batches, 1) for name, total in zip(names, totals, strict=True)}
 
     def after_task(self, task: Task) -> None:
-        new = self.sensitivity(self.stream.train_x[task.train_index])
+        new = self.sensitivity(self.stream.train_x, task.train_index)
         for name, value in new.items():
             old = self.importance.get(name)
             self.importance[name] = value if old is None else pad_rows(old, value.shape) + value
