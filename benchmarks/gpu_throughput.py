@@ -29,8 +29,10 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from docs_page import replace_section  # noqa: E402  (benchmarks/ is a folder of scripts)
+
 REPO = Path(__file__).resolve().parent.parent
-DOCS = REPO / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- p3:begin -->", "<!-- p3:end -->"
 METHODS = {
     "finetune": [],
@@ -139,15 +141,6 @@ def render(rows: list[tuple[str, str, float]], command: str, device_name: str) -
     return "\n".join([*lines, "", END])
 
 
-def write_section(section: str) -> None:
-    text = DOCS.read_text()
-    if BEGIN in text:
-        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    DOCS.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -176,7 +169,7 @@ def main() -> None:
     section = render(rows, "python benchmarks/gpu_throughput.py --write", name)
     print(section)
     if args.write:
-        write_section(section)
+        replace_section(BEGIN, END, section)
 
 
 if __name__ == "__main__":

@@ -30,8 +30,10 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from docs_page import replace_section  # noqa: E402  (benchmarks/ is a folder of scripts)
+
 REPO = Path(__file__).resolve().parent.parent
-DOCS = REPO / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- startup:begin -->", "<!-- startup:end -->"
 FLOOR = "import torch; torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)"
 FLOOR_FROZEN = FLOOR + "; import gc; gc.freeze()"
@@ -100,12 +102,7 @@ def main() -> int:
     if not args.write:
         print(text)
         return 0
-    docs = DOCS.read_text()
-    if BEGIN in docs:
-        docs = docs[: docs.index(BEGIN)] + text + docs[docs.index(END) + len(END) :]
-    else:
-        docs = docs.rstrip() + "\n\n" + text + "\n"
-    DOCS.write_text(docs)
+    replace_section(BEGIN, END, text)
     return 0
 
 

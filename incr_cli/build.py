@@ -9,6 +9,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from incr_cli.config import network_input_shape
 from incr_cli.data.batches import Preprocess
 from incr_cli.data.stream import Stream
 from incr_cli.models.head import IncrementalNet
@@ -23,7 +24,7 @@ def build_model(
 ) -> IncrementalNet:
     """The `model` group's backbone with a head over the stream's `n_classes` classes, none of them active
     yet: the engine grows it task by task, and a checkpoint's weights give it their saved size as they load."""
-    backbone = instantiate(cfg.model, input_shape=tuple(cfg.dataset.input_shape))
+    backbone = instantiate(cfg.model, input_shape=network_input_shape(cfg.dataset))
     model = IncrementalNet(backbone, n_classes).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -33,6 +33,11 @@ class AugmentConfig:
     crop_padding: int = 0  # random crop after zero-padding by this many pixels; 0: off
     horizontal_flip: bool = False
     rotation_degrees: float = 0.0  # random rotation within +-degrees; 0: off
+    # a random crop of area scale x and aspect ratio in ratio, resized to dataset.crop_size (Szegedy et al. 2015,
+    # torchvision's RandomResizedCrop); needs crop_size
+    random_resized_crop: bool = False
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
 
 
 @dataclass
@@ -61,6 +66,9 @@ class DatasetConfig:
     mean: list[float] | None = field(default_factory=lambda: [0.0])
     std: list[float] | None = field(default_factory=lambda: [1.0])
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # the network's input side when it is smaller than the stored images: evaluation takes their center crop,
+    # training the random-resized crop (augment.random_resized_crop) or also the center crop; null: the whole image
+    crop_size: int | None = None
 
 
 def dataset_defaults() -> dict:
@@ -505,6 +513,25 @@ def check_stream(dataset: DictConfig) -> None:
     if any(s <= 0 for s in dataset.std or []):
         raise ConfigError(f"dataset.std={list(dataset.std)} must be positive")
     augment = dataset.augment
+    crop = dataset.get("crop_size")
+    if crop is not None and not (isinstance(crop, int) and 0 < crop <= min(dataset.input_shape[1:])):
+        raise ConfigError(
+            f"dataset.crop_size={crop} must be a positive side no larger than the images "
+            f"({dataset.input_shape[1]}x{dataset.input_shape[2]}), or null for the whole image"
+        )
+    if augment.random_resized_crop:
+        scale, ratio = list(augment.crop_scale), list(augment.crop_ratio)
+        if crop is None:
+            raise ConfigError(
+                "dataset.augment.random_resized_crop=true needs dataset.crop_size (the side it resizes to)"
+            )
+        if not (
+            len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1 and len(ratio) == 2 and 0 < ratio[0] <= ratio[1]
+        ):
+            raise ConfigError(
+                f"dataset.augment crop_scale={scale}, crop_ratio={ratio}: each must be [low, high] with "
+                "0 < low <= high (scale at most 1)"
+            )
     if (
         augment.crop_padding < 0
         or augment.rotation_degrees < 0
@@ -544,9 +571,16 @@ def _check_hardware(hardware: DictConfig) -> None:
             )
 
 
+def network_input_shape(dataset: DictConfig) -> tuple[int, int, int]:
+    """[channels, height, width] the network takes: the stored images' (input_shape), or their crop."""
+    channels, height, width = (int(s) for s in dataset.input_shape)
+    crop = dataset.get("crop_size")
+    return (channels, height, width) if crop is None else (channels, int(crop), int(crop))
+
+
 def _check_model_fits(model: DictConfig, dataset: DictConfig) -> None:
     size = model.get("input_size")
-    height, width = dataset.input_shape[1:]
+    height, width = network_input_shape(dataset)[1:]
     if size is not None and (size, size) != (height, width):
         raise ConfigError(
             f"model.input_size={size} does not fit {dataset.name}'s {height}x{width} images; "

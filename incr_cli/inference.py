@@ -473,7 +473,9 @@ def folder_stream(loaded: Loaded, cfg: DictConfig, overrides: Sequence[str]):
     files = [path for files in per_class.values() for path in files]
     label_of = {name: label for label, name in enumerate(loaded.class_names)}
     labels = torch.tensor([label_of[name] for name, files in per_class.items() for _ in files])
-    images, kept, skipped = read_images(files, loaded.input_shape, cfg.dataset.on_bad_file)
+    images, kept, skipped = read_images(
+        files, loaded.input_shape, cfg.dataset.on_bad_file, loaded.cfg.dataset.get("fit", "stretch")
+    )
     labels = labels[kept]
     stream = stream_outline(loaded.tasks, loaded.class_names, loaded.input_shape, loaded.max_value, "cpu")
     stream.test_x, stream.test_y = to_levels(images, FULL_INTENSITY, loaded.max_value), labels
@@ -591,7 +593,7 @@ def image_files(paths: Sequence[Path]) -> list[Path]:
     return files
 
 
-def read_image(path: Path, shape: Sequence[int]) -> Tensor:
+def read_image(path: Path, shape: Sequence[int], fit: str = "stretch") -> Tensor:
     """An image file as uint8 [C, H, W] in 0..255, decoded by `dataset=image_folder`'s own decoding (EXIF
     orientation, 16-bit and palette files to 8-bit grayscale or RGB as the training data, Pillow's bilinear
     resize to H x W), so that a file of a training folder gives the pixels it trained on. Raises
@@ -603,12 +605,12 @@ def read_image(path: Path, shape: Sequence[int]) -> Tensor:
         raise InferenceError(
             f"the model takes {channels}-channel images; predict reads 1 (grayscale) or 3 (RGB)"
         )
-    pixels = image_pixels(open_image(path, channels), (height, width))
+    pixels = image_pixels(open_image(path, channels), (height, width), fit)
     return torch.tensor(pixels)  # a copy: Pillow's array is read-only
 
 
 def read_images(
-    files: Sequence[Path], shape: Sequence[int], on_bad_file: str = "skip"
+    files: Sequence[Path], shape: Sequence[int], on_bad_file: str = "skip", fit: str = "stretch"
 ) -> tuple[Tensor, list[int], list[tuple[Path, str]]]:
     """The files as one uint8 batch [N, C, H, W], decoded in threads (Pillow releases the GIL). An unreadable
     file stops everything with on_bad_file="stop"; with "skip" it is named in a warning and left out, and only
@@ -621,7 +623,7 @@ def read_images(
 
     def decode(path: Path) -> Tensor | str:
         try:
-            return read_image(path, shape)
+            return read_image(path, shape, fit)
         except UnreadableImage as error:
             return str(error)
 
@@ -903,7 +905,9 @@ def _predict(argv: list[str]) -> int:
         raise InferenceError(f"--top-k {args.top_k} must be 1 or more")
     files = image_files(args.images)
     loaded = load(args.checkpoint, _device(args.device))
-    images, kept, _ = read_images(files, loaded.input_shape, args.on_bad_file)
+    images, kept, _ = read_images(
+        files, loaded.input_shape, args.on_bad_file, loaded.cfg.dataset.get("fit", "stretch")
+    )
     files = [files[i] for i in kept]
     predictions = predict(loaded, images, args.top_k)
     names = loaded.seen_names

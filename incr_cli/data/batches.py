@@ -85,17 +85,26 @@ class Preprocess:
         self.crop_padding = int(dataset.augment.crop_padding)
         self.flip = bool(dataset.augment.horizontal_flip)
         self.rotation = float(dataset.augment.rotation_degrees)
+        self.crop_size = dataset.get("crop_size")
+        self.resized_crop = bool(dataset.augment.get("random_resized_crop", False))
+        self.crop_scale = tuple(dataset.augment.get("crop_scale", (0.08, 1.0)))
+        self.crop_ratio = tuple(dataset.augment.get("crop_ratio", (3 / 4, 4 / 3)))
         self.channels_last = channels_last
         self.rank_generator: torch.Generator | None = None
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Evaluation transform without a generator; with one, the training transform (augmentation)."""
+        resized_crop = generator is not None and self.resized_crop
+        if self.crop_size is not None and not resized_crop:
+            x = center_crop(x, self.crop_size)  # on the uint8 pixels: a slice, before any arithmetic
         x = x.float() * self.scale
-        if generator is not None and (self.crop_padding or self.flip or self.rotation):
+        if generator is not None and (self.crop_padding or self.flip or self.rotation or resized_crop):
             if distributed.active():
                 # Ranks augment slices of different sizes: drawing from the shared run generator would make
                 # its state, and so every later shared draw (replay samples), differ from rank to rank.
                 generator = self._rank_generator(generator.device)
+            if resized_crop:
+                x = random_resized_crop(x, self.crop_size, self.crop_scale, self.crop_ratio, generator)
             if self.crop_padding:
                 x = random_crop(x, self.crop_padding, generator)
             if self.flip:
@@ -123,6 +132,76 @@ def random_crop(x: Tensor, padding: int, generator: torch.Generator) -> Tensor:
     samples = torch.arange(n, device=x.device)[:, None, None, None]
     channels = torch.arange(c, device=x.device)[None, :, None, None]
     return padded[samples, channels, rows, cols]
+
+
+def center_crop(x: Tensor, size: int) -> Tensor:
+    """The central size x size window of each image (torchvision's CenterCrop: the odd pixel goes to the end)."""
+    height, width = x.shape[-2:]
+    top, left = (height - size) // 2, (width - size) // 2
+    return x[..., top : top + size, left : left + size]
+
+
+def random_resized_crop(
+    x: Tensor, size: int, scale: tuple[float, float], ratio: tuple[float, float], generator: torch.Generator
+) -> Tensor:
+    """torchvision's RandomResizedCrop, batched: each image's window (`resized_crop_windows`) resized to
+    size x size."""
+    windows = resized_crop_windows(len(x), *x.shape[-2:], scale, ratio, generator)
+    return resized_crops(x, windows, size)
+
+
+def resized_crop_windows(
+    n: int,
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    generator: torch.Generator,
+    attempts: int = 10,
+) -> Tensor:
+    """[n, 4] windows (top, left, height, width): area a uniform fraction `scale` of the image's, aspect ratio
+    (w / h) log-uniform in `ratio`, sides rounded, position uniform. As in torchvision, up to `attempts`
+    windows are drawn per image and the first that fits is kept; an image with none gets its whole, centred
+    window at the nearest allowed ratio."""
+    device = generator.device
+    area = height * width * torch.empty(n, attempts, device=device).uniform_(*scale, generator=generator)
+    log_ratio = torch.empty(n, attempts, device=device).uniform_(
+        math.log(ratio[0]), math.log(ratio[1]), generator=generator
+    )
+    aspect = log_ratio.exp()
+    w, h = (area * aspect).sqrt().round(), (area / aspect).sqrt().round()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    found = fits.any(1)
+    pick = fits.float().argmax(1, keepdim=True)  # the first attempt that fits
+    w, h = w.gather(1, pick)[:, 0], h.gather(1, pick)[:, 0]
+    whole = width / height
+    fallback_w = min(width, round(height * ratio[1])) if whole > ratio[1] else width
+    fallback_h = min(height, round(width / ratio[0])) if whole < ratio[0] else height
+    w = torch.where(found, w, torch.full_like(w, fallback_w))
+    h = torch.where(found, h, torch.full_like(h, fallback_h))
+    u = torch.rand(n, 2, device=device, generator=generator)
+    top = torch.where(found, (u[:, 0] * (height - h + 1)).floor(), ((height - h) / 2).floor())
+    left = torch.where(found, (u[:, 1] * (width - w + 1)).floor(), ((width - w) / 2).floor())
+    return torch.stack([top, left, h, w], 1)
+
+
+def resized_crops(x: Tensor, windows: Tensor, size: int) -> Tensor:
+    """Each image's window (top, left, height, width) resized bilinearly to size x size, sampled as
+    F.interpolate(align_corners=False) samples the cut-out window (no antialiasing; positions past the
+    window's edge pixels are clamped to them), in one grid_sample over the batch."""
+    n, _, height, width = x.shape
+    top, left, h, w = windows.to(x.device, torch.float32).unbind(1)
+    steps = torch.arange(size, device=x.device, dtype=torch.float32) + 0.5
+
+    def normalised(start: Tensor, length: Tensor, side: int) -> Tensor:
+        """Output positions -> source pixel coordinates in the window -> grid_sample's [-1, 1]."""
+        source = steps[None] * (length / size)[:, None] - 0.5
+        source = torch.minimum(source.clamp(min=0), (length - 1)[:, None]) + start[:, None]
+        return (2 * source + 1) / side - 1
+
+    rows, cols = normalised(top, h, height), normalised(left, w, width)
+    grid = torch.stack(torch.broadcast_tensors(cols[:, None, :], rows[:, :, None]), dim=-1)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def random_flip(x: Tensor, generator: torch.Generator) -> Tensor:

@@ -24,6 +24,7 @@ log = logging.getLogger("incr")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 BAD_FILE_ACTIONS = ("skip", "stop")
+FITS = ("stretch", "center_crop")  # dataset.fit: aspect ratio given up, or kept with the centre cut out
 CHANNEL_MODES = {1: "L", 3: "RGB"}
 SPLIT_SEED = 0  # the test_fraction hold-out never depends on the run's seed (as the digits split)
 RESAMPLING = (
@@ -63,6 +64,7 @@ class FolderPlan:
     channels: int
     test_fraction: float
     on_bad_file: str
+    fit: str = "stretch"  # stretch | center_crop: how a file of another aspect ratio becomes `size` (FITS)
 
 
 def load_images(dataset: DictConfig, data: DictConfig) -> Source:
@@ -102,6 +104,9 @@ def check_image_folder(dataset: DictConfig, lister: Lister | None = None) -> Fol
         raise ConfigError(
             f"dataset.memory_map_gb={threshold} must be 0 or more, or null to keep images in memory"
         )
+    fit = dataset.get("fit", "stretch")
+    if fit not in FITS:
+        raise ConfigError(f"dataset.fit={fit} is not valid; choose one of: {', '.join(FITS)}")
     limit = dataset.get("max_decoded_gb")
     if limit is not None and not limit > 0:
         raise ConfigError(f"dataset.max_decoded_gb={limit} must be positive, or null for no limit")
@@ -113,7 +118,7 @@ def check_image_folder(dataset: DictConfig, lister: Lister | None = None) -> Fol
             "the folder, or set dataset.on_bad_file=skip to leave the class out"
         )
     plan = FolderPlan(
-        listing, size or _first_size(listing), size is not None, channels, test_fraction, on_bad_file
+        listing, size or _first_size(listing), size is not None, channels, test_fraction, on_bad_file, fit
     )
 
     shape = [channels, *plan.size]
@@ -420,13 +425,22 @@ def open_image(path: Path, channels: int):
     return image.convert(CHANNEL_MODES[channels])
 
 
-def image_pixels(image, size: tuple[int, int]) -> np.ndarray:
+def image_pixels(image, size: tuple[int, int], fit: str = "stretch") -> np.ndarray:
     """An image from `open_image` as uint8 [C, H, W], resized to `size` (height, width) with Pillow's bilinear
-    filter (antialiased when shrinking) unless it has that size already."""
+    filter (antialiased when shrinking) unless it has that size already. fit="center_crop" keeps the aspect
+    ratio: the largest centred window of the target's shape is resized (for a square target, the short side
+    becomes `size` and the centre is cut out, as ImageNet's Resize(256) + CenterCrop(256))."""
     from PIL import Image
 
     if image.size != (size[1], size[0]):
-        image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+        box = None
+        if fit == "center_crop":
+            width, height = image.size
+            scale = min(width / size[1], height / size[0])  # source pixels per target pixel
+            box_w, box_h = size[1] * scale, size[0] * scale
+            left, top = (width - box_w) / 2, (height - box_h) / 2
+            box = (left, top, left + box_w, top + box_h)
+        image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR, box=box)
     array = np.asarray(image, dtype=np.uint8)
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
@@ -462,7 +476,7 @@ def _decode(plan: FolderPlan, mapped_cache: Path | None = None) -> dict:
         native = image.size
         if native != (width, height) and not plan.resize:
             return native
-        pixels[row] = image_pixels(image, (height, width))
+        pixels[row] = image_pixels(image, (height, width), plan.fit)
         return native
 
     workers = min(16, os.cpu_count() or 1)
@@ -641,7 +655,7 @@ def _cache_path(data_root: Path, plan: FolderPlan) -> Path:
         f"v{CACHE_VERSION}",
         f"pillow {PIL.__version__}",
         listing.layout,
-        f"{plan.size} {plan.resize}",
+        f"{plan.size} {plan.resize}" + ("" if plan.fit == "stretch" else f" {plan.fit}"),
         f"{plan.channels} {RESAMPLING}",
         f"{plan.test_fraction if listing.layout == 'one tree' else ''}",
     ]
@@ -716,12 +730,13 @@ def _log_report(plan: FolderPlan, state: dict, where: str) -> None:
     if len(sizes) > 1 or (sizes and (sizes[0][0], sizes[0][1]) != plan.size):
         shown = ", ".join(f"{h}x{w}: {n}" for h, w, n in sizes[:5]) + (", ..." if len(sizes) > 5 else "")
         log.info(
-            "the images come in %d size(s) (%s); all resized to %dx%d (%s resampling, aspect ratio not kept)",
+            "the images come in %d size(s) (%s); all resized to %dx%d (%s resampling, %s)",
             len(sizes),
             shown,
             height,
             width,
             RESAMPLING,
+            "aspect ratio not kept" if plan.fit == "stretch" else "aspect ratio kept, centre cut out",
         )
     skipped = state["skipped"]
     if skipped:
