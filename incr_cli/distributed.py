@@ -86,6 +86,15 @@ def agree(*flags: bool) -> list[bool]:
     return [bool(v) for v in tensor.tolist()]
 
 
+def gather(value) -> list:
+    """Every rank's `value` (picklable), in rank order, on every rank; [value] without ddp."""
+    if not active():
+        return [value]
+    values = [None] * world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def broadcast_text(text: str) -> str:
     """Rank 0's string on every rank (the run directory)."""
     if not active():

@@ -114,6 +114,7 @@ class Run:
         run_setup.check_same_experiment(path, state, self.config_hash, self.config)
         build.load_trained(self.model, self.strategy, state)
         checkpoint.restore_rng(state["rng"], self.rng)
+        self.preprocess.restore_rank_generators(state.get("augment_rng"))
         self.position = p = Position(**state["position"])
         self.metrics = run_setup.resumed_metrics(state, self.run_dir, p.task == len(self.stream.tasks))
         if p.started:
@@ -326,6 +327,7 @@ class Run:
             "scaler": self.scaler.state_dict() if mid_task else None,
             "strategy": self.strategy.state_dict(),
             "rng": checkpoint.rng_state(self.rng),
+            "augment_rng": self.preprocess.rank_generator_states(),  # hardware=ddp: one per rank
             "metrics": self.metrics,
             # what `incr predict` and `incr export` need without the training data
             "config": self.config,

@@ -27,7 +27,11 @@ class Checkpointer:
         every_steps, every_seconds = self.cfg.every_steps, self.cfg.every_seconds
         if every_steps and step % every_steps == 0:
             return True
-        return bool(every_seconds) and time.monotonic() - self.last_save >= every_seconds
+        if not every_seconds:
+            return False
+        due = time.monotonic() - self.last_save >= every_seconds
+        # ranks' clocks differ, and a checkpoint gathers every rank's augmentation state: all save or none
+        return distributed.agree(due)[0] if distributed.active() else due
 
     def save(self, state: dict, step: int, task_end: int | None = None) -> None:
         """Write `state` atomically, as task `task_end`'s checkpoint or, mid-task, as step `step`'s."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -18,8 +19,16 @@ SETTINGS = ["strategy=finetune", "epochs=2", "progress=false"]
 
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=2 -m incr_cli train ARGS`."""
+    return torchrun_command("train", *args)
+
+
+def torchrun_command(*args: str, fault: str | None = None) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=2 -m incr_cli ARGS`, with INCR_FAULT=`fault` in every rank."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("INCR_FAULT", None)
+    if fault is not None:
+        env["INCR_FAULT"] = fault
     command = [
         sys.executable,
         "-m",
@@ -28,7 +37,6 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
         "--nproc_per_node=2",
         "-m",
         "incr_cli",
-        "train",
         *args,
     ]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
@@ -56,6 +64,100 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
     # Rank 0 wrote the run directory; rank 1's Hydra files went to a scratch folder it removed.
     assert (tmp_path / "ddp" / ".hydra" / "config.yaml").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "single"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def two_nodes(*args: str) -> list[subprocess.CompletedProcess]:
+    """`torchrun --nnodes=2` started twice on this machine, one process per "node", as a cluster's nodes each
+    start it (node_rank 0 and 1, rendezvous at node 0's address), gloo."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("INCR_FAULT", None)
+    port = free_port()
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc_per_node=1",
+                f"--node_rank={node}",
+                "--master_addr=127.0.0.1",
+                f"--master_port={port}",
+                "-m",
+                "incr_cli",
+                *args,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for node in (0, 1)
+    ]
+    done = []
+    for node in nodes:
+        stdout, stderr = node.communicate(timeout=300)
+        done.append(subprocess.CompletedProcess(node.args, node.returncode, stdout, stderr))
+    return done
+
+
+@pytest.mark.slow
+def test_two_nodes_of_one_process_equal_one_process(tmp_path):
+    # as the one-machine test above: every global batch split over the two ranks, gradients averaged
+    nodes = two_nodes(
+        "train", "hardware=ddp", "hardware.device=cpu", *SETTINGS, f"hydra.run.dir={tmp_path / 'ddp'}"
+    )
+    for node in nodes:
+        assert node.returncode == 0, node.stderr[-3000:]
+    single = run_experiment(tmp_path / "single", ["hardware=cpu", "hardware.num_threads=1", *SETTINGS])
+    ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert ddp["run"]["status"] == "finished"
+    for scenario in ("class_il", "task_il"):  # float sums in another order: 1e-6 is far below one test image
+        for got, want in zip(
+            ddp[scenario]["accuracy_matrix"], single[scenario]["accuracy_matrix"], strict=True
+        ):
+            assert got == pytest.approx(want, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_a_ddp_run_with_augmentation_resumes_bit_exactly(tmp_path):
+    # Each rank augments its slice with its own generator; the checkpoint carries every rank's, so the run
+    # stopped at step 40 and resumed (by both ranks, as torchrun restarts them) repeats the uninterrupted one.
+    settings = [
+        "hardware=ddp",
+        "hardware.device=cpu",
+        "hardware.deterministic=true",
+        "strategy=replay",
+        "epochs=1",
+        "dataset.augment.horizontal_flip=true",
+        "dataset.augment.crop_padding=1",
+        "progress=false",
+    ]
+    whole = torchrun(*settings, f"hydra.run.dir={tmp_path / 'whole'}")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    stopped = torchrun_command(
+        "train", *settings, f"hydra.run.dir={tmp_path / 'stopped'}", fault="step:40:SIGTERM"
+    )
+    assert stopped.returncode != 0
+    saved = torch.load(tmp_path / "stopped" / "checkpoints" / "last.pt", weights_only=True)
+    assert len(saved["augment_rng"]) == 2 and not torch.equal(*saved["augment_rng"])
+    resumed = torchrun_command("resume", str(tmp_path / "stopped"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    got = json.loads((tmp_path / "stopped" / "metrics.json").read_text())
+    for scenario in ("class_il", "task_il"):
+        assert got[scenario]["accuracy_matrix"] == expected[scenario]["accuracy_matrix"]
+    weights = torch.load(tmp_path / "stopped" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    for name, value in torch.load(tmp_path / "whole" / "checkpoints" / "last.pt", weights_only=True)[
+        "model"
+    ].items():
+        assert torch.equal(weights[name], value), name
 
 
 def test_ddp_outside_torchrun_is_a_one_line_error(tmp_path):

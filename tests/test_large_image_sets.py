@@ -4,14 +4,22 @@ set, and a generated Tiny-ImageNet that trains."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from incr_cli.cli import main
-from incr_cli.data.large_image_sets import list_core50, list_imagenet, list_tiny_imagenet
+from incr_cli.data.imagenet_subsets import LUCIR, PODNET, SEED_1993_ORDER
+from incr_cli.data.large_image_sets import (
+    list_core50,
+    list_imagenet,
+    list_imagenet_subset,
+    list_tiny_imagenet,
+)
 from incr_cli.errors import ConfigError
 
 
@@ -39,6 +47,44 @@ def test_imagenet_reads_train_and_val_class_folders(tmp_path):
     (root / "val").rename(tmp_path / "elsewhere")
     with pytest.raises(ConfigError, match="needs train/<wnid>/ and val/<wnid>/"):
         list_imagenet(root)
+
+
+def test_the_imagenet_100_class_lists_are_pinned():
+    # PODNet's: ILSVRC-2012's first 100 wnids in sorted order (n01440764, the tench, to n01855672)
+    assert list(PODNET) == sorted(set(PODNET)) and len(PODNET) == 100
+    assert (PODNET[0], PODNET[-1]) == ("n01440764", "n01855672")
+    # LUCIR's: numpy's seed-1993 draw, listed sorted; only 9 classes in common with PODNet's
+    assert list(LUCIR) == sorted(set(LUCIR)) and len(LUCIR) == 100
+    assert len(set(PODNET) & set(LUCIR)) == 9
+    for wnids, digest in ((PODNET, "e685f52fed1378fd"), (LUCIR, "fce943fa2f5b5888")):
+        assert hashlib.sha256("\n".join(wnids).encode()).hexdigest()[:16] == digest
+    # the class order both papers train in: numpy's legacy generator, seed 1993, shuffling 0..99
+    np.random.seed(1993)
+    order = np.arange(100)
+    np.random.shuffle(order)
+    assert list(SEED_1993_ORDER) == order.tolist()
+
+
+def test_imagenet_subset_keeps_its_100_classes_in_sorted_order(tmp_path, capsys):
+    root = tmp_path / "imagenet"
+    extra = ["n09999999", "n00000001"]  # classes of the full ImageNet outside the subset
+    for k, wnid in enumerate([*LUCIR, *extra]):
+        write_image(root / "train" / wnid / f"{wnid}_0.JPEG", k % 256, size=2)
+        write_image(root / "val" / wnid / f"{wnid}_v.JPEG", k % 256, size=2)
+    listing = list_imagenet_subset("lucir", root)
+    assert listing.classes == list(LUCIR)
+    assert [p.parent.name for files in listing.files["train"] for p in files] == list(LUCIR)
+    assert counts(listing, "test") == [1] * 100
+    with pytest.raises(
+        ConfigError, match=r"lacks 91 of the 100 classes of dataset.subset=podnet \(first: train/n01440764\)"
+    ):
+        list_imagenet_subset("podnet", root)
+    with pytest.raises(ConfigError, match="dataset.subset=bic is not valid; choose one of: podnet, lucir"):
+        list_imagenet_subset("bic", root)
+    from conftest import compose_config
+
+    cfg = compose_config(["dataset=imagenet_subset", "dataset.subset=lucir"])
+    assert list(cfg.dataset.class_order) == list(SEED_1993_ORDER) and cfg.dataset.initial_classes == 50
 
 
 def make_tiny_imagenet(root: Path, per_class: int = 3, val_per_class: int = 2, size: int = 12) -> list[str]:
@@ -94,7 +140,7 @@ def test_core50_takes_objects_as_classes_and_its_test_sessions_as_the_test_set(t
         list_core50(root)
 
 
-@pytest.mark.parametrize("name", ["imagenet", "tiny_imagenet", "core50"])
+@pytest.mark.parametrize("name", ["imagenet", "imagenet_subset", "tiny_imagenet", "core50"])
 def test_a_missing_folder_is_a_one_line_error_naming_the_layout(tmp_path, capsys, name):
     assert (
         main(["train", f"dataset={name}", f"data.root={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"]) == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,6 +14,8 @@ from torch import Tensor
 
 from incr_cli import distributed
 from incr_cli.data.streamed import StreamedImages, prefetched
+
+log = logging.getLogger("incr")
 
 
 @dataclass
@@ -113,6 +116,27 @@ class Preprocess:
                 x = random_rotation(x, self.rotation, generator)
         x = (x - self.mean) / self.std
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def rank_generator_states(self) -> list[Tensor] | None:
+        """hardware=ddp: every rank's augmentation generator state, in rank order, for rank 0's checkpoint (a
+        collective: every rank calls it); None otherwise, where augmentation draws from the run generator."""
+        if not distributed.active():
+            return None
+        return distributed.gather(self._rank_generator(self.mean.device).get_state())
+
+    def restore_rank_generators(self, states: list[Tensor] | None) -> None:
+        """This rank's augmentation generator as a checkpoint saved it (`rank_generator_states`)."""
+        if not distributed.active() or states is None:
+            return
+        if len(states) != distributed.world_size():
+            log.warning(
+                "the checkpoint holds the augmentation state of %d ranks, not %d: augmentation restarts from "
+                "its seed, so the resumed run will not repeat the uninterrupted one exactly",
+                len(states),
+                distributed.world_size(),
+            )
+            return
+        self._rank_generator(self.mean.device).set_state(states[distributed.rank()])
 
     def _rank_generator(self, device: torch.device) -> torch.Generator:
         if self.rank_generator is None:

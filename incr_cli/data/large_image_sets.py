@@ -1,4 +1,4 @@
-"""ImageNet (ILSVRC-2012), Tiny-ImageNet and CORe50 read from their usual on-disk layouts under data.root (never
+"""ImageNet (ILSVRC-2012) and its 100-class subsets, Tiny-ImageNet and CORe50 read from their usual on-disk layouts under data.root (never
 downloaded: their licences ask each user to fetch them). Each is listed here and then decoded, cached and
 memory-mapped by the image-folder machinery (data/image_folder.py), so they share its cache, its check of
 unreadable files and its memory map for data sets larger than the RAM."""
@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from incr_cli.data import image_folder
 from incr_cli.data.image_folder import IMAGE_SUFFIXES, Lister, Listing, list_split_folders
+from incr_cli.data.imagenet_subsets import SUBSETS
 from incr_cli.data.source import Source
 from incr_cli.errors import ConfigError
 
@@ -46,6 +47,24 @@ def list_imagenet(root: Path) -> Listing:
             f"{root} needs train/<wnid>/ and val/<wnid>/ folders (ILSVRC-2012, val sorted by class)"
         )
     return list_split_folders(root, "train", "val")
+
+
+def list_imagenet_subset(subset: str, root: Path) -> Listing:
+    """ImageNet's layout (`list_imagenet`) restricted to one of the pinned 100-class lists (imagenet_subsets.py);
+    label i is the i-th wnid of the subset in sorted order, as both papers' loaders number them."""
+    if subset not in SUBSETS:
+        raise ConfigError(f"dataset.subset={subset} is not valid; choose one of: {', '.join(SUBSETS)}")
+    whole = list_imagenet(root)
+    wanted = sorted(SUBSETS[subset])
+    position = {wnid: i for i, wnid in enumerate(whole.classes)}
+    missing = [wnid for wnid in wanted if wnid not in position]
+    if missing:
+        raise ConfigError(
+            f"{root} lacks {len(missing)} of the {len(wanted)} classes of dataset.subset={subset} (first: "
+            f"train/{missing[0]}); give the full ILSVRC-2012 train/ and val/ folders, or a folder with these classes"
+        )
+    files = {split: [per_class[position[w]] for w in wanted] for split, per_class in whole.files.items()}
+    return Listing(root, whole.layout, wanted, files, [], whole.ignored)
 
 
 def list_tiny_imagenet(root: Path) -> Listing:
@@ -125,6 +144,16 @@ load_imagenet, check_imagenet = (
     partial(_load, list_imagenet, IMAGENET),
     partial(_check, list_imagenet, IMAGENET),
 )
+
+
+def load_imagenet_subset(dataset: DictConfig, data: DictConfig) -> Source:
+    return _load(partial(list_imagenet_subset, dataset.subset), IMAGENET, dataset, data)
+
+
+def check_imagenet_subset(dataset: DictConfig, data: DictConfig) -> None:
+    _check(partial(list_imagenet_subset, dataset.subset), IMAGENET, dataset, data)
+
+
 load_tiny_imagenet = partial(_load, list_tiny_imagenet, TINY_IMAGENET)
 check_tiny_imagenet = partial(_check, list_tiny_imagenet, TINY_IMAGENET)
 load_core50, check_core50 = partial(_load, list_core50, CORE50), partial(_check, list_core50, CORE50)
