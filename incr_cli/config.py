@@ -135,8 +135,9 @@ def register_schema() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 
-def check_config(cfg: DictConfig, *, check_data: bool = True) -> None:
-    """Every check that can fail before a batch is trained; raises ConfigError naming key, value and what is valid."""
+def check_config(cfg: DictConfig, *, check_data: bool = True, ranks_start_later: bool = False) -> None:
+    """Every check that can fail before a batch is trained; raises ConfigError naming key, value and what is valid.
+    `ranks_start_later`: the command submits its jobs to SLURM, whose tasks become hardware=ddp's ranks there."""
     unknown = sorted(set(cfg.keys()) - set(TrainConfig.__dataclass_fields__))
     if unknown:
         raise ConfigError(
@@ -152,7 +153,7 @@ def check_config(cfg: DictConfig, *, check_data: bool = True) -> None:
     if from_files:
         check_available(cfg.dataset.name, cfg.data, cfg.dataset)
     check_stream(cfg.dataset)
-    _check_hardware(cfg.hardware)
+    _check_hardware(cfg.hardware, ranks_start_later)
     _check_choice("train.on_nonfinite", cfg.train.on_nonfinite, NONFINITE_ACTIONS)
     _check_choice("evaluate_on", cfg.evaluate_on, ("test", "val"))
     if cfg.evaluate_on == "val" and cfg.dataset.val_fraction == 0:
@@ -543,7 +544,7 @@ def check_stream(dataset: DictConfig) -> None:
         )
 
 
-def _check_hardware(hardware: DictConfig) -> None:
+def _check_hardware(hardware: DictConfig, ranks_start_later: bool = False) -> None:
     _check_choice("hardware.device", hardware.device, DEVICES)
     _check_choice("hardware.amp_dtype", hardware.amp_dtype, AMP_DTYPES)
     if hardware.num_threads is not None and hardware.num_threads < 1:
@@ -554,13 +555,14 @@ def _check_hardware(hardware: DictConfig) -> None:
             f"hardware.device_data_gb={budget} must be 0 or more (0 streams every data set), or null for half "
             "of the device's free memory"
         )
-    if hardware.distributed:
-        from incr_cli.distributed import launched_by_torchrun
+    if hardware.distributed and not ranks_start_later:
+        from incr_cli.distributed import launched
 
-        if not launched_by_torchrun():
+        if not launched():
             raise ConfigError(
                 "hardware=ddp runs under torchrun: torchrun --nproc_per_node=N -m incr_cli train "
-                "hardware=ddp ... (or choose hardware=auto, cpu, gpu or amp)"
+                "hardware=ddp ... , or as the tasks of SLURM jobs (-m hydra/launcher=slurm "
+                "hydra.launcher.tasks_per_node=N); or choose hardware=auto, cpu, gpu or amp"
             )
     if hardware.device == "cuda":
         import torch

@@ -18,12 +18,24 @@ import torch
 import torch.distributed as dist
 
 
-def launched_by_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+def launched() -> bool:
+    """Whether this process is one rank of a run: started by torchrun (one machine or `--nnodes`), or one task of
+    a SLURM job of several tasks that Hydra's submitit launcher started (hydra/launcher=slurm with
+    tasks_per_node and nodes), whose SLURM variables submitit's helper turns into torchrun's."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return True
+    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm" or int(os.environ.get("SLURM_NTASKS") or 1) < 2:
+        return False
+    from submitit.helpers import TorchDistributedEnvironment
+
+    # MASTER_ADDR: the job's first node; MASTER_PORT: as set, or drawn from the job id; LOCAL_RANK picks the GPU
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    return True
 
 
 def start(device_type: str) -> torch.device:
-    """Join the process group torchrun set up; returns this rank's device."""
+    """Join the process group torchrun (or a SLURM job's tasks, `launched`) set up; returns this rank's device."""
+    launched()  # a SLURM task: torchrun's variables from SLURM's
     if device_type == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local_rank)

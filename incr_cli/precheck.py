@@ -142,7 +142,8 @@ def check_job(
     on disk, so pass a copy that is not saved). Returns the saved configs of the folder resume=true names,
     read once for a sweep."""
     composed = to_container(cfg)  # as the run's .hydra/config.yaml holds it, before check_config fills in
-    check_config(cfg)  # values found on disk (dataset=image_folder's num_classes and input_shape)
+    # values found on disk (dataset=image_folder's num_classes and input_shape)
+    check_config(cfg, ranks_start_later=submitted_to_slurm(argv))
     if cfg.resume:
         saved = _saved_configs(argv) if saved is None else saved
         _check_resumable(saved.get(number), composed, _multirun(argv))
@@ -210,6 +211,14 @@ def sweep_dir(argv: list[str]) -> Path | None:
         return Path(given)
     with composing():
         return Path(compose("train", overrides=jobs[0], return_hydra_config=True).hydra.sweep.dir)
+
+
+def submitted_to_slurm(argv: list[str]) -> bool:
+    """A sweep that Hydra's submitit launcher sends to SLURM: its jobs' ranks start there, not here."""
+    return _multirun(argv) and any(
+        override_key(o) == "hydra/launcher" and o.partition("=")[2] == "slurm"
+        for o in _arguments(argv).overrides
+    )
 
 
 def _multirun(argv: list[str]) -> bool:

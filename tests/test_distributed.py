@@ -160,6 +160,63 @@ def test_a_ddp_run_with_augmentation_resumes_bit_exactly(tmp_path):
         assert torch.equal(weights[name], value), name
 
 
+@pytest.mark.slow
+def test_the_tasks_of_a_slurm_job_are_the_ranks_of_one_run(tmp_path):
+    # Two processes with the variables SLURM and submitit give the tasks of one job (2 tasks on one node): incr
+    # turns them into torchrun's (submitit's helper) and trains one run over both, as torchrun's would.
+    port = free_port()
+    slurm = {
+        "SUBMITIT_EXECUTOR": "slurm",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NTASKS": "2",
+        "SLURM_JOB_NUM_NODES": "1",
+        "SLURM_NODEID": "0",
+        "SLURM_JOB_NODELIST": "localhost",
+        "MASTER_PORT": str(port),
+        "OMP_NUM_THREADS": "1",
+    }
+    env = {k: v for k, v in os.environ.items() if k not in ("INCR_FAULT", "RANK", "WORLD_SIZE")}
+    tasks = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "incr_cli",
+                "train",
+                "hardware=ddp",
+                "hardware.device=cpu",
+                *SETTINGS,
+                f"hydra.run.dir={tmp_path / 'ddp'}",
+            ],
+            env={**env, **slurm, "SLURM_PROCID": str(task), "SLURM_LOCALID": str(task)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for task in (0, 1)
+    ]
+    for task in tasks:
+        _, stderr = task.communicate(timeout=300)
+        assert task.returncode == 0, stderr[-3000:]
+    single = run_experiment(tmp_path / "single", ["hardware=cpu", "hardware.num_threads=1", *SETTINGS])
+    ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    for scenario in ("class_il", "task_il"):
+        for got, want in zip(
+            ddp[scenario]["accuracy_matrix"], single[scenario]["accuracy_matrix"], strict=True
+        ):
+            assert got == pytest.approx(want, abs=1e-6)
+
+
+def test_a_ddp_sweep_for_slurm_is_checked_without_torchrun():
+    from incr_cli.errors import ConfigError
+    from incr_cli.precheck import check_command
+
+    # submitted: its ranks start as the SLURM tasks, so no torchrun is needed where the command runs
+    check_command(["-m", "hydra/launcher=slurm", "hardware=ddp", "hardware.device=cpu", "seed=0,1"])
+    with pytest.raises(ConfigError, match="or as the tasks of SLURM jobs"):
+        check_command(["-m", "hardware=ddp", "hardware.device=cpu", "seed=0,1"])
+
+
 def test_ddp_outside_torchrun_is_a_one_line_error(tmp_path):
     result = incr("train", "hardware=ddp", f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode == 2
