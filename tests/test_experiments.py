@@ -44,7 +44,13 @@ def composed(name: str) -> DictConfig:
 
 
 def test_every_paper_protocol_is_here():
-    for group in ("der_seq_cifar10", "xder_seq_cifar100", "pycil_cifar100", "vandeven_split_mnist"):
+    for group in (
+        "der_seq_cifar10",
+        "xder_seq_cifar100",
+        "pycil_cifar100",
+        "vandeven_split_mnist",
+        "imagenet100_b50",
+    ):
         assert f"{group}/base" in NAMES
         assert len([name for name in NAMES if name.startswith(f"{group}/")]) > 4
 
@@ -186,3 +192,58 @@ def test_protocol_files_name_their_source_and_what_they_reproduce():
             continue
         header = (EXPERIMENTS / f"{name}.yaml").read_text().split("defaults:")[0]
         assert "# Reproduces:" in header and "Hyper-parameters:" in header, name
+
+
+def numpy_seed_1993_order(n: int) -> list[int]:
+    """The class order of LUCIR's and PODNet's ImageNet runs: numpy's legacy generator, seed 1993, shuffling 0..n-1."""
+    import numpy as np
+
+    np.random.seed(1993)
+    order = np.arange(n)
+    np.random.shuffle(order)
+    return order.tolist()
+
+
+@pytest.mark.parametrize("steps", [5, 10])
+def test_imagenet100_b50_rows_are_the_authors_settings(steps):
+    for method, subset in (("lucir", "lucir"), ("podnet", "podnet")):
+        cfg = composed(f"imagenet100_b50/{method}_{steps}steps")
+        dataset = cfg.dataset
+        assert (dataset.name, dataset.subset, dataset.num_classes) == ("imagenet_subset", subset, 100)
+        assert task_sizes(dataset) == [50] + [50 // steps] * steps
+        assert resolve_class_order(dataset) == numpy_seed_1993_order(100)
+        assert (dataset.crop_size, dataset.augment.random_resized_crop, cfg.model.stem) == (
+            224,
+            True,
+            "imagenet",
+        )
+        assert (cfg.strategy.memory.size, cfg.strategy.memory.selection, cfg.epochs) == (2000, "herding", 90)
+    lucir = composed(f"imagenet100_b50/lucir_{steps}steps")
+    assert (lucir.optimizer.lr, lucir.optimizer.weight_decay, lucir.batch_size) == (0.1, 1e-4, 128)
+    assert list(lucir.scheduler.milestones) == [30, 60] and lucir.strategy.lambda_base == 10.0
+    podnet = composed(f"imagenet100_b50/podnet_{steps}steps")
+    assert (podnet.optimizer.lr, podnet.optimizer.weight_decay, podnet.batch_size) == (0.05, 5e-4, 64)
+    assert (podnet.strategy.lambda_flat, podnet.strategy.lambda_spatial) == (10.0, 8.0)
+    assert (podnet.strategy.finetune_epochs, podnet.strategy.finetune_lr) == (20, 0.01)
+
+
+def test_imagenet1k_b500_is_podnets_run_in_its_class_order():
+    cfg = composed("imagenet1k_b500/podnet_10steps")
+    assert task_sizes(cfg.dataset) == [500] + [50] * 10
+    assert resolve_class_order(cfg.dataset) == numpy_seed_1993_order(1000)
+    assert (cfg.optimizer.weight_decay, cfg.strategy.memory.size) == (1e-4, 20000)
+
+
+def test_mammoth_seq_tinyimagenet_rows():
+    base = composed("mammoth_seq_tinyimg/base")
+    assert task_sizes(base.dataset) == [20] * 10 and resolve_class_order(base.dataset) == list(range(200))
+    assert (base.epochs, base.batch_size, base.optimizer.momentum, base.scheduler) == (100, 32, 0.0, None)
+    derpp = composed("mammoth_seq_tinyimg/derpp_500").strategy
+    assert (derpp.alpha, derpp.beta, derpp.memory.size) == (0.2, 0.5, 500)
+    der = composed("mammoth_seq_tinyimg/der_500").strategy
+    assert (der.alpha, der.beta, der.memory.size) == (0.1, 0.0, 500)
+
+
+def test_core50_nc_is_the_papers_split():
+    cfg = composed("core50_nc/replay")
+    assert task_sizes(cfg.dataset) == [10] + [5] * 8
