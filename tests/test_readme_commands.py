@@ -26,7 +26,7 @@ from PIL import Image
 
 from incr_cli.cli import expand_home, main
 from incr_cli.config import check_config, config_dir, register_schema
-from incr_cli.precheck import INSPECTION_FLAGS, job_overrides, override_key
+from incr_cli.precheck import INSPECTION_FLAGS, job_overrides, override_key, submitted_to_slurm
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BUILT_IN = ("digits", "synthetic")  # data sets that need no files: their commands train here
@@ -164,7 +164,8 @@ def check_every_job(command: Command, argv: list[str]) -> DictConfig:
             cfg = job_config(composed((*job, *hydra_settings(argv))))
             if cfg.hardware.device == "cuda":
                 patch.setattr(torch.cuda, "is_available", lambda: True)
-            check_config(cfg, check_data=False)  # an image folder is listed all the same
+            # an image folder is listed all the same; a sweep sent to SLURM starts its ranks there
+            check_config(cfg, check_data=False, ranks_start_later=submitted_to_slurm(argv))
     return composed((*jobs[0], *hydra_settings(argv)))
 
 
