@@ -179,6 +179,8 @@ class _Prefetcher:
 
     def _work(self) -> None:
         try:
+            if self.cuda:  # the current device is per thread: this rank's GPU, not device 0
+                torch.cuda.set_device(self.images.device)
             for number, (rows, weight) in enumerate(self.batches):
                 if self.stopping.is_set():
                     return
