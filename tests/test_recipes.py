@@ -34,6 +34,7 @@ RECIPES = {
     "synthetic": (MLP, {"hidden_sizes": [256, 256]}, (0.05, 0.9, 0.0), None, 10, 32, (4, True)),
     # PODNet's ImageNet configs: lr 0.05, weight decay 1e-4, batch 64, 90 epochs, cosine schedule
     "imagenet": (RESNET18, IMAGENET_STEM, (0.05, 0.9, 0.0001), "cosine", 90, 64, (0, True)),
+    "imagenet_subset": (RESNET18, IMAGENET_STEM, (0.05, 0.9, 0.0005), "cosine", 90, 64, (0, True)),
     # DER paper, Seq-TinyImg (Mammoth): ResNet-18, 100 epochs, batch 32, lr 0.03, crop 4 + flip
     "tiny_imagenet": (RESNET18, {"width": 64}, (0.03, 0.0, 0.0), None, 100, 32, (4, True)),
     "core50": (RESNET18, IMAGENET_STEM, (0.01, 0.9, 0.0), None, 10, 64, (0, True)),
@@ -41,6 +42,7 @@ RECIPES = {
 LISTS_FOLDERS = (
     "image_folder",
     "imagenet",
+    "imagenet_subset",
     "tiny_imagenet",
     "core50",
 )  # their checks list files a test has not
