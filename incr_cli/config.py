@@ -57,7 +57,9 @@ class DatasetConfig:
     class_order: list[int] | None = None  # a list of class ids; null: 0..n-1, or shuffled by class_order_seed
     class_order_seed: int | None = None
     val_fraction: float = 0.0  # class-stratified hold-out from each task's training data
-    scenario: str = "class_il"  # class_il | task_il | domain_il (with domains: permuted | rotated | folders)
+    scenario: str = (
+        "class_il"  # class_il | task_il | domain_il (domains: permuted | rotated | folders | sessions)
+    )
     domains: str | None = None
     domain_seed: int = 0
     rotation_degrees: list[float] | None = None
@@ -420,7 +422,7 @@ def _check_choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
 
 
 SCENARIOS = ("class_il", "task_il", "domain_il")
-DOMAINS = ("permuted", "rotated", "folders")
+DOMAINS = ("permuted", "rotated", "folders", "sessions")
 
 
 def _check_domains(dataset: DictConfig) -> None:
@@ -433,6 +435,10 @@ def _check_domains(dataset: DictConfig) -> None:
         raise ConfigError(
             "dataset.domains=folders reads one image folder per domain: use dataset=image_folder "
             "with dataset.folder=<a folder of domain folders>"
+        )
+    if dataset.domains == "sessions" and dataset.name != "core50_ni":
+        raise ConfigError(
+            "dataset.domains=sessions takes CORe50's acquisition sessions as domains: use dataset=core50_ni"
         )
     angles = dataset.rotation_degrees
     if dataset.domains == "rotated" and angles is not None and len(angles) != dataset.n_tasks:

@@ -173,3 +173,45 @@ def test_a_generated_tiny_imagenet_trains_and_caches_its_decoded_images(tmp_path
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert len(metrics["class_il"]["accuracy_matrix"]) == 2
     assert list((tmp_path / ".incr-cache").glob("image_folder-*.pt"))
+
+
+def test_core50_ni_takes_each_training_session_as_a_task_tested_on_the_test_sessions(tmp_path):
+    root = tmp_path / "core50" / "core50_128x128"
+    for session in range(1, 12):
+        for obj in (1, 2, 3, 4):
+            for i in range(2):
+                shade = 20 * session + 50 * obj
+                write_image(
+                    root / f"s{session}" / f"o{obj}" / f"C_{session:02d}_{obj:02d}_{i}.png", shade, 8, "PNG"
+                )
+    settings = [
+        "dataset=core50_ni",
+        f"data.root={tmp_path}",
+        "dataset.num_classes=4",
+        "dataset.image_size=8",
+        "dataset.input_shape=[3,8,8]",
+        "model=mlp",
+        "epochs=1",
+        "batch_size=4",
+        "hardware=cpu",
+        "progress=false",
+    ]
+    from conftest import compose_config
+
+    from incr_cli.data.sources import load_source
+    from incr_cli.data.stream import build_stream
+
+    cfg = compose_config(settings)
+    source = load_source(cfg.dataset.name, cfg.data, cfg.dataset)
+    stream = build_stream(source, cfg.dataset)
+    assert len(stream.tasks) == 8
+    for k, task in enumerate(stream.tasks):
+        assert (
+            task.classes == [0, 1, 2, 3] and len(task.train_index) == 8
+        )  # 4 objects x 2 images of session k
+        assert source.train_domain[task.train_index].eq(k).all()
+        assert task.test_index.tolist() == list(range(24))  # sessions 3, 7 and 10, for every task
+    assert main(["train", *settings, f"hydra.run.dir={tmp_path / 'run'}"]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    matrix = metrics["class_il"]["accuracy_matrix"]
+    assert len(matrix) == 8 and all(len(set(row)) == 1 for row in matrix)  # one test set: equal columns

@@ -38,6 +38,7 @@ RECIPES = {
     # DER paper, Seq-TinyImg (Mammoth): ResNet-18, 100 epochs, batch 32, lr 0.03, crop 4 + flip
     "tiny_imagenet": (RESNET18, {"width": 64}, (0.03, 0.0, 0.0), None, 100, 32, (4, True)),
     "core50": (RESNET18, IMAGENET_STEM, (0.01, 0.9, 0.0), None, 10, 64, (0, True)),
+    "core50_ni": (RESNET18, IMAGENET_STEM, (0.01, 0.9, 0.0), None, 10, 64, (0, True)),
 }
 LISTS_FOLDERS = (
     "image_folder",
@@ -45,6 +46,7 @@ LISTS_FOLDERS = (
     "imagenet_subset",
     "tiny_imagenet",
     "core50",
+    "core50_ni",
 )  # their checks list files a test has not
 
 

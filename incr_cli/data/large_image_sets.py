@@ -9,6 +9,7 @@ import re
 from functools import partial
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig
 
 from incr_cli.data import image_folder
@@ -157,3 +158,22 @@ def check_imagenet_subset(dataset: DictConfig, data: DictConfig) -> None:
 load_tiny_imagenet = partial(_load, list_tiny_imagenet, TINY_IMAGENET)
 check_tiny_imagenet = partial(_check, list_tiny_imagenet, TINY_IMAGENET)
 load_core50, check_core50 = partial(_load, list_core50, CORE50), partial(_check, list_core50, CORE50)
+
+
+def load_core50_ni(dataset: DictConfig, data: DictConfig) -> Source:
+    """CORe50's New Instances scenario: the NC data (`list_core50`), each training image's task its session (s1,
+    s2, s4, s5, s6, s8, s9, s11 in that order), every task tested on sessions 3, 7 and 10 together."""
+    source = _load(list_core50, CORE50, dataset, data)
+    listing = list_core50(Path(str(dataset.folder)).expanduser().resolve())
+    # rows follow the listing, label by label, file by file (on_bad_file=stop: none is left out)
+    sessions = [int(p.parent.parent.name[1:]) for per_class in listing.files["train"] for p in per_class]
+    if len(sessions) != len(source.train_y):
+        raise ConfigError(
+            f"core50_ni found {len(sessions)} training images but decoded {len(source.train_y)}; "
+            "set dataset.on_bad_file=stop to name the unreadable file"
+        )
+    source.train_domain = torch.tensor([CORE50_TRAIN_SESSIONS.index(s) for s in sessions])
+    return source
+
+
+check_core50_ni = check_core50

@@ -153,7 +153,7 @@ def build_stream(source: Source, dataset: DictConfig) -> Stream:
 def build_domain_stream(source: Source, dataset: DictConfig) -> Stream:
     """Domain-IL: task k is the whole data set seen through transform k; labels are the original classes."""
     n_tasks, classes = dataset.n_tasks, list(range(dataset.num_classes))
-    if dataset.domains == "folders":
+    if dataset.domains in ("folders", "sessions"):
         return _folder_domain_stream(source, dataset, classes)
     transforms = domain_transforms(dataset, tuple(source.train_x.shape[1:]))
     train_x = torch.cat([transform(source.train_x) for transform in transforms])
@@ -186,7 +186,9 @@ def build_domain_stream(source: Source, dataset: DictConfig) -> Stream:
 
 
 def _folder_domain_stream(source: Source, dataset: DictConfig, classes: list[int]) -> Stream:
-    """Domain k's images (its sub-folder of the image folder) are task k."""
+    """Domain k's training images (its sub-folder of the image folder, or its CORe50 session) are task k; its
+    test images too, or every task is tested on the whole test set when the test images have no domain
+    (CORe50's NI: the test sessions are the same for every task)."""
     val_generator = torch.Generator().manual_seed(0)
     tasks = []
     for task_id in range(dataset.n_tasks):
@@ -197,7 +199,10 @@ def _folder_domain_stream(source: Source, dataset: DictConfig, classes: list[int
             n_val = int(round(dataset.val_fraction * len(members)))
             val_index.append(members[:n_val].sort().values)
             train_index.append(members[n_val:])
-        test_index = torch.nonzero(source.test_domain == task_id).flatten()
+        if source.test_domain is None:
+            test_index = torch.arange(len(source.test_y))
+        else:
+            test_index = torch.nonzero(source.test_domain == task_id).flatten()
         tasks.append(
             Task(task_id, classes, torch.cat(train_index).sort().values, torch.cat(val_index), test_index)
         )

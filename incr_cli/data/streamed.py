@@ -35,6 +35,9 @@ log = logging.getLogger("incr")
 # model, its activations, the optimizer and the method's own copies.
 DEFAULT_BUDGET_FRACTION = 0.5
 PREFETCH_DEPTH = 2  # batches read ahead: one being read while one waits, so reading never stalls compute
+# ... unless they are large (an evaluation batch of 256-pixel images): then one, so that the batches held at
+# once (the one in use, the one waiting, the one being read) stay within a few times this many bytes
+READ_AHEAD_BYTES = 64 * 2**20
 
 
 class StreamedImages:
@@ -166,7 +169,7 @@ class _Prefetcher:
     def __init__(self, images: StreamedImages, batches: Iterator[tuple[Tensor, float]]):
         self.images, self.batches = images, batches
         self.cuda = images.device.type == "cuda"
-        self.queue: queue.Queue = queue.Queue(maxsize=PREFETCH_DEPTH)
+        self.queue: queue.Queue = queue.Queue(maxsize=PREFETCH_DEPTH)  # resized by the first batch (`_put`)
         self.stopping = threading.Event()
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(images.device)
@@ -184,6 +187,8 @@ class _Prefetcher:
             for number, (rows, weight) in enumerate(self.batches):
                 if self.stopping.is_set():
                     return
+                if number == 0 and len(rows) * self.images.row_bytes > READ_AHEAD_BYTES // PREFETCH_DEPTH:
+                    self.queue.maxsize = 1  # large batches: one waits, not two
                 x, ready = self._read(number, rows)
                 if not self._put((rows, x, weight, ready)):
                     return
