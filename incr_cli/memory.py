@@ -120,7 +120,9 @@ class Memory:
         rank = torch.arange(len(by_class), device=all_y.device) - first_of_class[class_index]
         keep = by_class[rank < quota[class_index]]
         keep = keep.sort().values  # back to arrival order: old samples, then new ones
-        self.x = torch.cat([self.x, x[new_order]])[keep]
+        # only the kept samples of x are read (streamed images: `StreamedRows`)
+        n_old = len(self.x)
+        self.x = torch.cat([self.x[keep[keep < n_old]], x[new_order[keep[keep >= n_old] - n_old]]])
         self.y = all_y[keep]
         self.extras = {k: torch.cat([v, extras[k][new_order]])[keep] for k, v in self.extras.items()}
 

@@ -44,6 +44,7 @@ def test_rows_read_from_a_npy_file_equal_the_arrays_rows(images_file):
     assert torch.equal(streamed[rows], expected[rows])
     assert torch.equal(streamed[3:6], expected[3:6])
     assert torch.equal(streamed[torch.tensor(12)], expected[12])
+    assert streamed[0:0].shape == (0, 2, 3, 4)
     mask = torch.zeros(50, dtype=torch.bool)
     mask[[1, 4]] = True
     assert torch.equal(streamed[mask], expected[mask])
@@ -171,3 +172,23 @@ def test_herding_and_mas_read_their_task_through_the_streamed_path(tmp_path):
         resident = run_experiment(tmp_path / f"{strategy}_resident", settings)
         streamed = run_experiment(tmp_path / f"{strategy}_streamed", [*settings, "hardware.device_data_gb=0"])
         assert streamed["class_il"]["accuracy_matrix"] == resident["class_il"]["accuracy_matrix"]
+
+
+@pytest.mark.parametrize("selection", ["reservoir", "class_balanced"])
+def test_a_memory_offered_streamed_rows_reads_only_what_it_keeps(selection, monkeypatch):
+    from incr_cli.data.streamed import StreamedRows
+    from incr_cli.memory import Memory
+
+    images, labels = numbered_images(), torch.arange(50) % 5
+    rows = torch.arange(10, 50)
+    resident = Memory(6, selection=selection)
+    resident.add(images[rows], labels[rows], torch.Generator().manual_seed(3))
+    read = []
+    streamed_images = StreamedImages(images, torch.device("cpu"))
+    gather = streamed_images.gather
+    monkeypatch.setattr(streamed_images, "gather", lambda r, out=None: read.append(len(r)) or gather(r, out))
+    streamed = Memory(6, selection=selection)
+    streamed.add(StreamedRows(streamed_images, rows), labels[rows], torch.Generator().manual_seed(3))
+    assert torch.equal(streamed.x, resident.x) and torch.equal(streamed.y, resident.y)
+    # the kept samples (reservoir: the first six, then the later ones that replace some), never the 40 offered
+    assert sum(read) <= 2 * 6

@@ -73,6 +73,8 @@ class StreamedImages:
         if self.file is None:
             torch.index_select(self.host, 0, rows, out=out)
             return out
+        if not len(rows):
+            return out
         descriptor = self._open()
         buffer = out.numpy().reshape(len(rows), -1)
         for i, row in enumerate(rows.tolist()):
@@ -101,6 +103,23 @@ class StreamedImages:
     def __del__(self) -> None:
         if getattr(self, "_descriptor", None) is not None:
             os.close(self._descriptor)
+
+
+class StreamedRows:
+    """Some rows of streamed images, read only when indexed (`rows_view[i]` is images[rows[i]] on the device):
+    what a strategy offers its memory at a task's end, so that only the samples the memory keeps, and the
+    batches its selection scores, are ever read, never the task's images at once."""
+
+    def __init__(self, images: StreamedImages, rows: Tensor):
+        self.images, self.rows = images, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index) -> Tensor:
+        if isinstance(index, Tensor):
+            index = index.to(self.rows.device)
+        return self.images[self.rows[index]]
 
 
 def budget_bytes(hardware: DictConfig, device: torch.device) -> float:

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from incr_cli.data.batches import Batch, Preprocess
 from incr_cli.data.stream import Stream, Task
+from incr_cli.data.streamed import StreamedImages, StreamedRows
 from incr_cli.memory import Memory
 from incr_cli.models.head import IncrementalNet
 from incr_cli.step import Hardware, StepRunner
@@ -164,7 +165,11 @@ class Strategy:
         """Offer the stream's training rows `rows` to the memory; with `row_extra`, each sample keeps its row
         as that extra, so that later tasks can train on it (`rows_with_memory`)."""
         extras = {} if row_extra is None else {row_extra: rows}
-        self.remember_samples(*self.training_samples(rows), **extras)
+        images = self.stream.train_x
+        if isinstance(images, StreamedImages):  # read only what the memory keeps (and scores in batches)
+            self.remember_samples(StreamedRows(images, rows), self.stream.train_y[rows], **extras)
+        else:
+            self.remember_samples(*self.training_samples(rows), **extras)
 
     def memory_rows(self, row_extra: str = "index") -> Tensor:
         """The stream's training rows of the memory's samples, kept as their extra `row_extra`."""
