@@ -159,7 +159,7 @@ def random_crop(x: Tensor, padding: int, generator: torch.Generator) -> Tensor:
 
 
 def center_crop(x: Tensor, size: int) -> Tensor:
-    """The central size x size window of each image (torchvision's CenterCrop: the odd pixel goes to the end)."""
+    """The central size x size window of each image; an odd margin leaves its extra pixel at the bottom and right."""
     height, width = x.shape[-2:]
     top, left = (height - size) // 2, (width - size) // 2
     return x[..., top : top + size, left : left + size]
