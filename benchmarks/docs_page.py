@@ -16,3 +16,11 @@ def replace_section(begin: str, end: str, section: str, page: Path = DOCS) -> No
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
     page.write_text(text)
+
+
+def show_or_write(begin: str, end: str, section: str, write: bool) -> None:
+    """A benchmark's last step: its section printed, or (--write) put in the page."""
+    if write:
+        replace_section(begin, end, section)
+    else:
+        print(section)

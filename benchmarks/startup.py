@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from docs_page import replace_section  # noqa: E402  (benchmarks/ is a folder of scripts)
+from docs_page import show_or_write  # noqa: E402  (benchmarks/ is a folder of scripts)
 
 REPO = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- startup:begin -->", "<!-- startup:end -->"
@@ -99,10 +99,7 @@ def main() -> int:
     parser.add_argument("--write", action="store_true", help="replace this section of docs/benchmarks.md")
     args = parser.parse_args()
     text = section(measure(args.repeats), args.repeats)
-    if not args.write:
-        print(text)
-        return 0
-    replace_section(BEGIN, END, text)
+    show_or_write(BEGIN, END, text, args.write)
     return 0
 
 

@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from docs_page import replace_section  # noqa: E402  (benchmarks/ is a folder of scripts)
+from docs_page import show_or_write  # noqa: E402  (benchmarks/ is a folder of scripts)
 
 REPO = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- streaming:begin -->", "<!-- streaming:end -->"
@@ -228,10 +228,7 @@ def main() -> int:
         }
     print(json.dumps(result, indent=1))
     text = section(result, command.strip())
-    if not args.write:
-        print(text)
-        return 0
-    replace_section(BEGIN, END, text)
+    show_or_write(BEGIN, END, text, args.write)
     return 0
 
 

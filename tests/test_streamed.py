@@ -192,3 +192,19 @@ def test_a_memory_offered_streamed_rows_reads_only_what_it_keeps(selection, monk
     assert torch.equal(streamed.x, resident.x) and torch.equal(streamed.y, resident.y)
     # the kept samples (reservoir: the first six, then the later ones that replace some), never the 40 offered
     assert sum(read) <= 2 * 6
+
+
+def test_under_ddp_each_rank_reads_only_its_slice_of_every_batch(monkeypatch):
+    # this rank's slice: the second half of every global batch (distributed.shard under 2 ranks, rank 1)
+    monkeypatch.setattr(
+        "incr_cli.data.batches.distributed.shard",
+        lambda rows: (rows[len(rows) // 2 :], len(rows[len(rows) // 2 :]) / len(rows)),
+    )
+    images = StreamedImages(numbered_images(), torch.device("cpu"))
+    read = []
+    gather = images.gather
+    monkeypatch.setattr(images, "gather", lambda r, out=None: read.append(r.tolist()) or gather(r, out))
+    batches = list(DeviceBatches(images, torch.arange(50), torch.arange(40), 8, seed=0, task_id=0).epoch(0))
+    assert [b.y.tolist() for b in batches] == read  # what was read is exactly what each batch trains on
+    assert sum(len(r) for r in read) == 20 and all(len(r) == 4 for r in read)
+    assert all(b.weight == 0.5 for b in batches)
