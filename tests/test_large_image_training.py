@@ -14,6 +14,7 @@ from PIL import Image
 
 from incr_cli.cli import main
 from incr_cli.config import network_input_shape
+from incr_cli.data import batches
 from incr_cli.data.batches import Preprocess, center_crop, resized_crop_windows, resized_crops
 from incr_cli.data.image_folder import image_pixels
 
@@ -72,6 +73,26 @@ def test_crops_equal_torchvisions_resized_crop_of_the_same_windows():
         atol=1e-3,
     )
 
+
+
+def test_crops_of_uint8_images_are_cut_a_few_images_at_a_time_with_the_same_result(monkeypatch):
+    # a batch of large uint8 images never becomes floats whole: resized_crops converts a chunk at a time
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 256, (7, 3, 30, 40), dtype=torch.uint8, generator=generator)
+    windows = resized_crop_windows(7, 30, 40, TORCHVISION_SCALE, TORCHVISION_RATIO, generator)
+    whole = resized_crops(x.float(), windows, 16)
+    converted = []
+    original_float = torch.Tensor.float
+
+    def counting_float(tensor):
+        converted.append(len(tensor))
+        return original_float(tensor)
+
+    monkeypatch.setattr(batches, "RESIZE_CHUNK_BYTES", 2 * 3 * 30 * 40 * 4)  # two images' floats
+    monkeypatch.setattr(torch.Tensor, "float", counting_float)
+    chunked = resized_crops(x, windows, 16)
+    assert converted == [2, 2, 2, 1]
+    assert chunked.dtype == torch.float32 and torch.equal(chunked, whole)
 
 def test_evaluation_takes_the_centre_crop_and_training_the_resized_crop():
     cfg = compose_config(

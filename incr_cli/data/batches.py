@@ -17,6 +17,9 @@ from incr_cli.data.streamed import StreamedImages, prefetched
 
 log = logging.getLogger("incr")
 
+# resized crops turn at most this many bytes of uint8 images into floats at once (see `resized_crops`)
+RESIZE_CHUNK_BYTES = 16 * 2**20
+
 
 @dataclass
 class Batch:
@@ -98,16 +101,17 @@ class Preprocess:
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Evaluation transform without a generator; with one, the training transform (augmentation)."""
         resized_crop = generator is not None and self.resized_crop
-        if self.crop_size is not None and not resized_crop:
+        if generator is not None and distributed.active():
+            # Ranks augment slices of different sizes: drawing from the shared run generator would make its
+            # state, and so every later shared draw (replay samples), differ from rank to rank.
+            generator = self._rank_generator(generator.device)
+        if resized_crop:
+            # cut from the uint8 pixels, so that only the crops, never the whole large images, become floats
+            x = random_resized_crop(x, self.crop_size, self.crop_scale, self.crop_ratio, generator)
+        elif self.crop_size is not None:
             x = center_crop(x, self.crop_size)  # on the uint8 pixels: a slice, before any arithmetic
         x = x.float() * self.scale
-        if generator is not None and (self.crop_padding or self.flip or self.rotation or resized_crop):
-            if distributed.active():
-                # Ranks augment slices of different sizes: drawing from the shared run generator would make
-                # its state, and so every later shared draw (replay samples), differ from rank to rank.
-                generator = self._rank_generator(generator.device)
-            if resized_crop:
-                x = random_resized_crop(x, self.crop_size, self.crop_scale, self.crop_ratio, generator)
+        if generator is not None and (self.crop_padding or self.flip or self.rotation):
             if self.crop_padding:
                 x = random_crop(x, self.crop_padding, generator)
             if self.flip:
@@ -225,7 +229,16 @@ def resized_crops(x: Tensor, windows: Tensor, size: int) -> Tensor:
 
     rows, cols = normalised(top, h, height), normalised(left, w, width)
     grid = torch.stack(torch.broadcast_tensors(cols[:, None, :], rows[:, :, None]), dim=-1)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    # grid_sample needs floats: convert a few images at a time, so that a batch of large uint8 images never
+    # exists as floats whole (4 bytes a pixel; 50 MB for 64 images at 256x256)
+    per_chunk = max(1, RESIZE_CHUNK_BYTES // (x[0].numel() * 4))
+    out = torch.empty((n, x.shape[1], size, size), device=x.device, dtype=torch.float32)
+    for first in range(0, n, per_chunk):
+        chunk = slice(first, first + per_chunk)
+        out[chunk] = F.grid_sample(
+            x[chunk].float(), grid[chunk], mode="bilinear", padding_mode="border", align_corners=False
+        )
+    return out
 
 
 def random_flip(x: Tensor, generator: torch.Generator) -> Tensor:
