@@ -112,11 +112,17 @@ def show_task(run_metrics: dict, on_console: bool) -> None:
     if on_console:
         shown, label = metrics.shown_accuracy(m)
         console.print(accuracy_table(m[shown]["accuracy_matrix"], f"{label} after task {step}"))
+    if m["run"].get("scenario") == "domain_il":  # every task has every class: the two matrices are one
+        accuracy = f"{m['class_il']['average_accuracy'][-1]:.4f} (domain-IL)"
+    else:
+        accuracy = (
+            f"{m['class_il']['average_accuracy'][-1]:.4f} (class-IL), "
+            f"{m['task_il']['average_accuracy'][-1]:.4f} (task-IL)"
+        )
     log.info(
-        "task %d: average accuracy %.4f (class-IL), %.4f (task-IL); %.1f s training, %.0f samples/s",
+        "task %d: average accuracy %s; %.1f s training, %.0f samples/s",
         step,
-        m["class_il"]["average_accuracy"][-1],
-        m["task_il"]["average_accuracy"][-1],
+        accuracy,
         m["per_task"][-1]["train_seconds"],
         m["per_task"][-1]["samples_per_second"],
     )
