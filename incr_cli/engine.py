@@ -13,6 +13,7 @@ from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from hydra.utils import instantiate
@@ -23,7 +24,7 @@ from incr_cli.config import to_container
 from incr_cli.console import TrainingProgress, console, summary_table, training_warnings
 from incr_cli.data.batches import DeviceBatches, Preprocess
 from incr_cli.data.stream import Task
-from incr_cli.run_checkpoints import Checkpointer, StopSignals
+from incr_cli.run_checkpoints import Checkpointer, StopSignals, after_step
 from incr_cli.run_setup import RESUME_MAY_CHANGE, resume_hash
 from incr_cli.step import StepRunner, setup_hardware
 from incr_cli.task_checks import EpochLoss, TaskLoss, learned_nothing
@@ -150,7 +151,7 @@ class Run:
             while self.position.task < len(tasks):
                 self.train_task(tasks[self.position.task])
                 faults.reach("task_end")
-                self._stop_if_signalled(mid_task=False)
+                self._stop_if_signalled()
         self.metrics["run"]["status"] = "finished"
         self.metrics["wall_seconds"] += time.perf_counter() - started
         self.write_results(figures_too=True)
@@ -231,9 +232,11 @@ class Run:
             epoch_seconds += elapsed
             epoch_samples += len(batch)
             faults.reach("step")
-            if self.checkpointer.due(position.step):
+            save, stop = after_step(self.checkpointer, self.signals, position.step)
+            if save:
                 self.save_checkpoint()
-            self._stop_if_signalled(mid_task=True)
+            if stop:
+                self._stop(checkpoint_first=not save)
             tick = time.perf_counter()
         return self._end_epoch(task, epoch_samples / max(epoch_seconds, 1e-9))
 
@@ -336,12 +339,15 @@ class Run:
         }
         self.checkpointer.save(state, self.position.step, task_end)
 
-    def _stop_if_signalled(self, mid_task: bool) -> None:
-        """After SIGINT or SIGTERM: a checkpoint (between tasks, the task's own is the latest already), the
-        run marked interrupted, and `Interrupted` raised."""
-        if not self.signals.stop_now():
-            return
-        if mid_task:
+    def _stop_if_signalled(self) -> None:
+        """Between tasks, after SIGINT or SIGTERM: `_stop` (the task's checkpoint is the latest already)."""
+        if self.signals.stop_now():
+            self._stop(checkpoint_first=False)
+
+    def _stop(self, checkpoint_first: bool) -> NoReturn:
+        """After SIGINT or SIGTERM: a checkpoint where the latest is not of this position, the run marked
+        interrupted, and `Interrupted` raised."""
+        if checkpoint_first:
             self.save_checkpoint()
         self.metrics["run"]["status"] = "interrupted"
         self.write_results()

@@ -24,14 +24,12 @@ class Checkpointer:
         self.last_save = time.monotonic()
 
     def due(self, step: int) -> bool:
+        """Whether this process's schedule asks for a checkpoint after `step`. Under hardware=ddp the ranks'
+        clocks differ: `after_step` makes them agree."""
         every_steps, every_seconds = self.cfg.every_steps, self.cfg.every_seconds
         if every_steps and step % every_steps == 0:
             return True
-        if not every_seconds:
-            return False
-        due = time.monotonic() - self.last_save >= every_seconds
-        # ranks' clocks differ, and a checkpoint gathers every rank's augmentation state: all save or none
-        return distributed.agree(due)[0] if distributed.active() else due
+        return bool(every_seconds) and time.monotonic() - self.last_save >= every_seconds
 
     def save(self, state: dict, step: int, task_end: int | None = None) -> None:
         """Write `state` atomically, as task `task_end`'s checkpoint or, mid-task, as step `step`'s."""
@@ -78,9 +76,24 @@ class StopSignals:
         stop = self.received is not None
         if distributed.active():  # ranks stop at the same step, or the others would wait forever
             (stop,) = distributed.agree(stop)
-            self.received = self.received or (signal.SIGTERM if stop else None)
+            self.note_agreed(stop)
         return stop
+
+    def note_agreed(self, stop: bool) -> None:
+        """Under hardware=ddp: another rank's signal stops this one too (named SIGTERM where none came here)."""
+        self.received = self.received or (signal.SIGTERM if stop else None)
 
     @property
     def name(self) -> str:
         return signal.Signals(self.received).name
+
+
+def after_step(checkpointer: Checkpointer, signals: StopSignals, step: int) -> tuple[bool, bool]:
+    """(save a checkpoint, stop) after training step `step`. Under hardware=ddp every rank must answer the
+    same (a checkpoint gathers every rank's augmentation state; a rank that stopped alone would leave the
+    others waiting), so both answers are agreed in one collective a step."""
+    save, stop = checkpointer.due(step), signals.received is not None
+    if distributed.active():
+        save, stop = distributed.agree(save, stop)
+        signals.note_agreed(stop)
+    return save, stop

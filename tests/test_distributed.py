@@ -12,8 +12,11 @@ import sys
 import pytest
 import torch
 from conftest import incr, run_experiment
+from omegaconf import OmegaConf
 
+from incr_cli import distributed
 from incr_cli.cli import main
+from incr_cli.run_checkpoints import Checkpointer, StopSignals, after_step
 
 SETTINGS = ["strategy=finetune", "epochs=2", "progress=false"]
 
@@ -233,3 +236,23 @@ def test_a_strategy_with_per_batch_state_is_refused_under_ddp(tmp_path, monkeypa
     assert "DarkExperienceReplay does not run under hardware=ddp yet; strategies that do: " in error
     assert "finetune" in error and "replay" in error
     assert not (tmp_path / "r").exists()
+
+
+def test_a_steps_checkpoint_and_stop_answers_are_agreed_in_one_collective(tmp_path, monkeypatch):
+    # Under ddp a rank whose clock is not yet due, and which got no signal, still saves and stops with the
+    # others: one all-reduce a step carries both flags.
+    collectives = []
+
+    def agree(*flags):
+        collectives.append(flags)
+        return [True] * len(flags)  # another rank's clock was due, and another rank got SIGTERM
+
+    cfg = OmegaConf.create({"every_steps": None, "every_seconds": 3600, "keep_last": 2})
+    checkpointer, signals = Checkpointer(tmp_path, cfg, writes=False), StopSignals()
+    monkeypatch.setattr(distributed, "agree", agree)
+    monkeypatch.setattr(distributed, "active", lambda: False)
+    assert after_step(checkpointer, signals, 1) == (False, False) and not collectives
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    assert after_step(checkpointer, signals, 2) == (True, True)
+    assert collectives == [(False, False)]
+    assert signals.name == "SIGTERM"
