@@ -74,7 +74,6 @@ def test_crops_equal_torchvisions_resized_crop_of_the_same_windows():
     )
 
 
-
 def test_crops_of_uint8_images_are_cut_a_few_images_at_a_time_with_the_same_result(monkeypatch):
     # a batch of large uint8 images never becomes floats whole: resized_crops converts a chunk at a time
     generator = torch.Generator().manual_seed(2)
@@ -93,6 +92,7 @@ def test_crops_of_uint8_images_are_cut_a_few_images_at_a_time_with_the_same_resu
     chunked = resized_crops(x, windows, 16)
     assert converted == [2, 2, 2, 1]
     assert chunked.dtype == torch.float32 and torch.equal(chunked, whole)
+
 
 def test_evaluation_takes_the_centre_crop_and_training_the_resized_crop():
     cfg = compose_config(

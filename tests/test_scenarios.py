@@ -106,7 +106,9 @@ def test_replay_beats_finetune_in_domain_il_on_digits(tmp_path, domains):
     # the log names the one accuracy a domain-IL run has, not a class-IL and a task-IL figure
     log_lines = (tmp_path / "replay" / "train.log").read_text().splitlines()
     task_lines = [line for line in log_lines if "average accuracy" in line]
-    assert len(task_lines) == 5 and all("(domain-IL);" in line and "task-IL" not in line for line in task_lines)
+    assert len(task_lines) == 5 and all(
+        "(domain-IL);" in line and "task-IL" not in line for line in task_lines
+    )
     assert replay["class_il"]["final_average_accuracy"] > finetune["class_il"]["final_average_accuracy"] + 0.3
     assert replay["class_il"]["average_forgetting"] < finetune["class_il"]["average_forgetting"] - 0.3
 
