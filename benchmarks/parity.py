@@ -527,11 +527,28 @@ def run_one(
     with open(log, "w") as handle:
         done = subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, env=environment)
     total = time.perf_counter() - started
-    if done.returncode != 0:
+    diverged = tool == "incr" and done.returncode != 0 and nonfinite_stop(log)
+    if done.returncode != 0 and not diverged:
         tail = "".join(log.read_text().splitlines(keepends=True)[-25:])
         raise SystemExit(
             f"{tool} {method_name} seed {seed} failed (exit {done.returncode}); end of {log}:\n{tail}"
         )
+    if diverged:
+        # a result of the method under these settings, not of the benchmark: recorded, and the table says so
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        record = {
+            "tool": tool,
+            "method": method_name,
+            "protocol": protocol_name,
+            "seed": seed,
+            "epochs": run_epochs,
+            "diverged": diverged,
+            "accuracy_matrix": metrics["class_il"]["accuracy_matrix"],
+            "total_seconds": total,
+            "command": shlex.join(command),
+        }
+        record_path.write_text(json.dumps(record, indent=1))
+        return record
     if tool == "incr":
         metrics = json.loads((run_dir / "metrics.json").read_text())
         result = {
@@ -562,6 +579,15 @@ def run_one(
     return record
 
 
+def nonfinite_stop(log: Path) -> str | None:
+    """incr's one-line error when a run stopped on a non-finite loss ("non-finite loss (nan) at task 5, ..."),
+    or None."""
+    for line in reversed(log.read_text().splitlines()):
+        if line.startswith("error: non-finite loss"):
+            return line.removeprefix("error: ").split(";")[0]
+    return None
+
+
 # ----------------------------------------------------------------------------------------------- the table
 def mean_std(values: list[float], scale: float = 100.0) -> str:
     std = f"{statistics.stdev(values) * scale:.2f}" if len(values) > 1 else "–"  # one seed: no spread
@@ -590,6 +616,21 @@ def render(records: list[dict], protocols: list[str], methods: list[str], comman
             }
             if not runs["incr"] or not runs["avalanche"]:
                 continue
+            method = METHODS[method_name]
+            if stopped := [r for rs in runs.values() for r in rs if r.get("diverged")]:
+                # no mean to compare: the row says which runs stopped, and where
+                where = "; ".join(f"{r['tool']} seed {r['seed']}: {r['diverged']}" for r in stopped)
+                finished = {
+                    tool: [r["final_average_accuracy"] for r in rs if not r.get("diverged")]
+                    for tool, rs in runs.items()
+                }
+                cells = [mean_std(v) if v else "–" for v in (finished["incr"], finished["avalanche"])]
+                lines.append(
+                    f"| {method_name} | {method.incr} ({method.avalanche}) | {cells[0]} | {cells[1]} "
+                    f"| – | – | – | – |"
+                )
+                lines.append(f"|  | stopped: {where} |  |  |  |  |  |  |")
+                continue
             accuracy = {tool: [r["final_average_accuracy"] for r in rs] for tool, rs in runs.items()}
             median = {
                 (tool, key): statistics.median(r[key] for r in rs)
@@ -600,7 +641,6 @@ def render(records: list[dict], protocols: list[str], methods: list[str], comman
             forget = " / ".join(
                 f"{statistics.mean(r['forgetting'] for r in runs[t]):.3f}" for t in ("incr", "avalanche")
             )
-            method = METHODS[method_name]
             lines.append(
                 f"| {method_name} | {method.incr} ({method.avalanche}) | {mean_std(accuracy['incr'])} "
                 f"| {mean_std(accuracy['avalanche'])} | {difference:+.2f} | {forget} "
@@ -721,9 +761,14 @@ def main() -> None:
                 for tool in ("incr", "avalanche"):
                     record = run_one(tool, method_name, protocol_name, seed, args.epochs, out, args.data)
                     records.append(record)
+                    outcome = (
+                        f"stopped: {record['diverged']}"
+                        if record.get("diverged")
+                        else f"accuracy {record['final_average_accuracy']:.4f}, "
+                        f"train {record['train_seconds']:.1f} s"
+                    )
                     print(
-                        f"{protocol_name} {method_name} {tool} seed {seed}: accuracy "
-                        f"{record['final_average_accuracy']:.4f}, train {record['train_seconds']:.1f} s, "
+                        f"{protocol_name} {method_name} {tool} seed {seed}: {outcome}, "
                         f"total {record['total_seconds']:.1f} s",
                         flush=True,
                     )
