@@ -533,32 +533,6 @@ def run_one(
         raise SystemExit(
             f"{tool} {method_name} seed {seed} failed (exit {done.returncode}); end of {log}:\n{tail}"
         )
-    if diverged:
-        # a result of the method under these settings, not of the benchmark: recorded, and the table says so
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-        record = {
-            "tool": tool,
-            "method": method_name,
-            "protocol": protocol_name,
-            "seed": seed,
-            "epochs": run_epochs,
-            "diverged": diverged,
-            "accuracy_matrix": metrics["class_il"]["accuracy_matrix"],
-            "total_seconds": total,
-            "command": shlex.join(command),
-        }
-        record_path.write_text(json.dumps(record, indent=1))
-        return record
-    if tool == "incr":
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-        result = {
-            "accuracy_matrix": metrics["class_il"]["accuracy_matrix"],
-            "train_seconds": sum(task["train_seconds"] for task in metrics["per_task"]),
-            "run_seconds": metrics["wall_seconds"],
-        }
-    else:
-        result = json.loads((run_dir / "result.json").read_text())
-    matrix = result["accuracy_matrix"]
     record = {
         "tool": tool,
         "method": method_name,
@@ -567,14 +541,25 @@ def run_one(
         "epochs": run_epochs,
         "incr_strategy": method.incr,
         "avalanche_strategy": method.avalanche,
-        "accuracy_matrix": matrix,
-        "final_average_accuracy": statistics.mean(matrix[-1]),
-        "forgetting": forgetting(matrix),
-        "train_seconds": result["train_seconds"],
-        "run_seconds": result["run_seconds"],
         "total_seconds": total,
         "command": shlex.join(command),
     }
+    if diverged:
+        # a result of the method under these settings, not of the benchmark: recorded, and the table says so
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        record.update(diverged=diverged, accuracy_matrix=metrics["class_il"]["accuracy_matrix"])
+    elif tool == "incr":
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        record.update(
+            accuracy_matrix=metrics["class_il"]["accuracy_matrix"],
+            train_seconds=sum(task["train_seconds"] for task in metrics["per_task"]),
+            run_seconds=metrics["wall_seconds"],
+        )
+    else:
+        record.update(json.loads((run_dir / "result.json").read_text()))
+    if not diverged:
+        matrix = record["accuracy_matrix"]
+        record.update(final_average_accuracy=statistics.mean(matrix[-1]), forgetting=forgetting(matrix))
     record_path.write_text(json.dumps(record, indent=1))
     return record
 
