@@ -20,7 +20,8 @@ Per run (a JSON file under --out, kept: a rerun with the same --out skips finish
 final average accuracy, forgetting as Avalanche defines it (accuracy right after learning a task minus the final
 one, averaged over the tasks before the last), train seconds (inside each tool's training calls, memory updates
 included), run seconds (each tool's own timing of its run) and total seconds (the subprocess's wall time, measured
-here the same way for both). The table: method, incr and Avalanche final average accuracy (mean ± std over seeds),
+here the same way for both); an incr run stopped by a non-finite loss is recorded with where it stopped, and its
+row in the table says so instead of giving a mean. The table: method, incr and Avalanche final average accuracy (mean ± std over seeds),
 their difference in points, and the time ratio Avalanche total s / incr total s (above 1: incr is faster).
 
 Install Avalanche next to incr (it leaves torch as it is): `pip install -e '.[parity]'`. From the repository root:
