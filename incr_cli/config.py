@@ -57,9 +57,8 @@ class DatasetConfig:
     class_order: list[int] | None = None  # a list of class ids; null: 0..n-1, or shuffled by class_order_seed
     class_order_seed: int | None = None
     val_fraction: float = 0.0  # class-stratified hold-out from each task's training data
-    scenario: str = (
-        "class_il"  # class_il | task_il | domain_il (domains: permuted | rotated | folders | sessions)
-    )
+    # class_il | task_il | domain_il (with domains: permuted | rotated | folders | sessions)
+    scenario: str = "class_il"
     domains: str | None = None
     domain_seed: int = 0
     rotation_degrees: list[float] | None = None
