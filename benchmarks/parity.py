@@ -553,7 +553,7 @@ def run_one(
     with open(log, "w") as handle:
         done = subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, env=environment)
     total = time.perf_counter() - started
-    diverged = tool == "incr" and done.returncode != 0 and nonfinite_stop(log)
+    diverged = nonfinite_stop(log) if tool == "incr" and done.returncode != 0 else None
     if done.returncode != 0 and not diverged:
         tail = "".join(log.read_text().splitlines(keepends=True)[-25:])
         raise SystemExit(
