@@ -107,6 +107,11 @@ class Method:
     avalanche_training_set: str = (
         "own"  # own | joined: BiC's exemplars joined to the task's set (the paper's)
     )
+    avalanche_memory_views: str = (
+        "own"  # own | fresh: GEM's memory read through the training transform at every step (Mammoth's)
+    )
+    # a row that changes the Avalanche side only: its incr runs are this method's, read (or run) under its name
+    incr_runs_of: str = ""
 
 
 MEMORY = 500
@@ -233,6 +238,16 @@ METHODS = {
         "GEM",
         {"patterns_per_exp": 100, "memory_strength": 0.5},
     ),
+    "gem_fresh_views": Method(
+        "gem",
+        ["strategy.patterns_per_task=100", "strategy.memory_strength=0.5"],
+        "GEM",
+        {"patterns_per_exp": 100, "memory_strength": 0.5},
+        avalanche_memory_views="fresh",
+        incr_runs_of="gem",
+        notes="Avalanche's GEM with its memory samples augmented anew at every step (Mammoth's GEM, Avalanche's "
+        "A-GEM and incr), where its own keeps the one augmented view it took at the task's end.",
+    ),
     "agem": Method(
         "agem",
         ["strategy.patterns_per_task=100", "strategy.sample_size=256"],
@@ -283,6 +298,7 @@ METHODS = {
         "BiC",
         BIC_KWARGS,
         avalanche_training_set="joined",
+        incr_runs_of="bic",
         notes="Avalanche's BiC with its exemplars joined to the task's training set, each sample once per epoch (the "
         "paper's and incr's), instead of its ReplayDataLoader's batches of 128 new plus 128 memory samples.",
     ),
@@ -351,6 +367,32 @@ def joined_training_set(plugin, strategy, **kwargs) -> None:
         strategy.dataloader = torch.utils.data.DataLoader(
             joined, batch_size=strategy.train_mb_size, shuffle=True
         )
+
+
+def fresh_memory_views() -> None:
+    """Avalanche's GEMPlugin with its memory kept as samples of the task's dataset, read again through the
+    training transform before every step: a new augmented view each time, as Mammoth's GEM (its buffer holds
+    the unaugmented images and augments them at each use) and Avalanche's own A-GEM (its memory is a dataset).
+    Avalanche's GEM stores the tensors its DataLoader gave at the task's end: one augmented view, fixed."""
+    from avalanche.training.plugins import gem
+
+    constraints = gem.GEMPlugin.before_training_iteration
+
+    def update_memory(self, dataset, t, batch_size):
+        picked = torch.randperm(len(dataset))[: self.patterns_per_experience].tolist()
+        items = [dataset[i] for i in picked]
+        self.memory_x[t] = torch.stack([item[0] for item in items])
+        self.memory_y[t] = torch.tensor([int(item[1]) for item in items])
+        self.memory_tid[t] = torch.tensor([int(item[-1]) for item in items])
+        self.memory_sources = {**getattr(self, "memory_sources", {}), t: (dataset, picked)}
+
+    def before_training_iteration(self, strategy, **kwargs):
+        for t, (dataset, picked) in getattr(self, "memory_sources", {}).items():
+            self.memory_x[t] = torch.stack([dataset[i][0] for i in picked])
+        constraints(self, strategy, **kwargs)
+
+    gem.GEMPlugin.update_memory = update_memory
+    gem.GEMPlugin.before_training_iteration = before_training_iteration
 
 
 def avalanche_run(
@@ -447,6 +489,8 @@ def avalanche_run(
         bic_plugin.MultiStepLR = lambda *a, verbose=None, **k: scheduler(*a, **k)
         if method.avalanche_training_set == "joined":
             bic_plugin.BiCPlugin.before_training_exp = joined_training_set
+    if method.avalanche_memory_views == "fresh":
+        fresh_memory_views()
     if name == "ICaRL":
         buffer_transform = transforms.Compose(augment) if protocol.augment else None
         strategy = supervised.ICaRL(
@@ -522,8 +566,11 @@ def run_one(
     record_path = out / "runs" / protocol_name / method_name / f"{tool}_seed{seed}.json"
     if record_path.exists():
         return json.loads(record_path.read_text())
-    record_path.parent.mkdir(parents=True, exist_ok=True)
     method, protocol = METHODS[method_name], PROTOCOLS[protocol_name]
+    if tool == "incr" and method.incr_runs_of:
+        shared = run_one(tool, method.incr_runs_of, protocol_name, seed, epochs, out, data)
+        return dict(shared, method=method_name)
+    record_path.parent.mkdir(parents=True, exist_ok=True)
     run_epochs = protocol.epochs if epochs is None else epochs
     run_dir = record_path.with_suffix("")
     if tool == "incr":
