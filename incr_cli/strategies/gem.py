@@ -70,7 +70,10 @@ class GEM(ProjectedGradients):
     task's incoming samples into a ring buffer, which ends holding (about) the last m samples it saw. Here
     M_k is exactly the last m training samples task k's batches showed, which are m random samples of its
     training set (the last epoch visits it in a random order); Avalanche (the Split Fashion-MNIST reference)
-    keeps m random samples too.
+    keeps m random samples too. The memory holds the images as stored, and a run that augments its data
+    augments them anew at every use, as Mammoth's GEM does (its buffer keeps unaugmented images; the
+    authors' benchmarks do not augment). Avalanche 0.6's GEM instead keeps the one augmented view of each
+    sample that its loader gave at the task's end (docs/benchmarks.md measures the difference).
 
     The head grows at each task, so the past gradients are recomputed at every step (as the authors do)
     rather than stored. Under float16 loss scaling every gradient carries the same scale s: P and q of the
