@@ -373,7 +373,8 @@ def fresh_memory_views() -> None:
     """Avalanche's GEMPlugin with its memory kept as samples of the task's dataset, read again through the
     training transform before every step: a new augmented view each time, as Mammoth's GEM (its buffer holds
     the unaugmented images and augments them at each use) and Avalanche's own A-GEM (its memory is a dataset).
-    Avalanche's GEM stores the tensors its DataLoader gave at the task's end: one augmented view, fixed."""
+    Avalanche's GEM stores the tensors its DataLoader gave at the task's end: one augmented view, fixed.
+    It patches the class, so it holds for the rest of the process: each worker runs one Avalanche run."""
     from avalanche.training.plugins import gem
 
     constraints = gem.GEMPlugin.before_training_iteration
