@@ -119,6 +119,8 @@ MEMORY = 500
 # regulariser caps its penalty's curvature.
 BATCH_FISHER = ["strategy.fisher=batch", "strategy.fisher_labels=empirical"]
 UNCAPPED = "strategy.curvature_limit=none"
+GEM_OVERRIDES = ["strategy.patterns_per_task=100", "strategy.memory_strength=0.5"]
+GEM_KWARGS = {"patterns_per_exp": 100, "memory_strength": 0.5}
 BIC_OVERRIDES = [
     f"strategy.memory.size={MEMORY}",
     "strategy.val_fraction=0.1",
@@ -232,17 +234,12 @@ METHODS = {
         head="full",
         notes="incr with flip_means=always, Avalanche's class means (which average each exemplar with its mirror image).",
     ),
-    "gem": Method(
-        "gem",
-        ["strategy.patterns_per_task=100", "strategy.memory_strength=0.5"],
-        "GEM",
-        {"patterns_per_exp": 100, "memory_strength": 0.5},
-    ),
+    "gem": Method("gem", GEM_OVERRIDES, "GEM", GEM_KWARGS),
     "gem_fresh_views": Method(
         "gem",
-        ["strategy.patterns_per_task=100", "strategy.memory_strength=0.5"],
+        GEM_OVERRIDES,
         "GEM",
-        {"patterns_per_exp": 100, "memory_strength": 0.5},
+        GEM_KWARGS,
         avalanche_memory_views="fresh",
         incr_runs_of="gem",
         notes="Avalanche's GEM with its memory samples augmented anew at every step (Mammoth's GEM, Avalanche's "
