@@ -33,6 +33,7 @@ Run it on a quiet machine: other processes on the cores ruin the timings.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime
 import json
 import os
@@ -53,7 +54,7 @@ REPO = Path(__file__).resolve().parent.parent
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
 MEAN, STD = 0.2860, 0.3530
 N_TASKS = 5
-BATCH_SIZE, EVAL_BATCH_SIZE, LR, MOMENTUM, THREADS = 128, 1000, 0.01, 0.9, 2
+BATCH_SIZE, EVAL_BATCH_SIZE, LR, MOMENTUM, THREADS = 128, 1000, 0.01, 0.9, 2  # THREADS: per run, by default
 CROP_PADDING = 4
 
 
@@ -86,7 +87,6 @@ PROTOCOLS = {
 INCR_COMMON = [
     "experiment=split_fashion_mnist",
     "hardware=cpu",
-    f"hardware.num_threads={THREADS}",
     "progress=false",
 ]
 
@@ -110,8 +110,12 @@ class Method:
     avalanche_memory_views: str = (
         "own"  # own | fresh: GEM's memory read through the training transform at every step (Mammoth's)
     )
-    # a row that changes the Avalanche side only: its incr runs are this method's, read (or run) under its name
+    # a row that changes one side only: the other tool's runs are this method's, read (or run) under its name
     incr_runs_of: str = ""
+    avalanche_runs_of: str = ""
+
+    def runs_of(self, tool: str) -> str:
+        return self.incr_runs_of if tool == "incr" else self.avalanche_runs_of
 
 
 MEMORY = 500
@@ -190,6 +194,7 @@ METHODS = {
         ["strategy.c=1.0", "strategy.xi=0.001", "strategy.curvature_limit=sgd"],
         "SynapticIntelligence",
         {"si_lambda": 2.0, "eps": 0.001},
+        avalanche_runs_of="si",
         notes=f"incr with its default curvature_limit=sgd. {SI_CLAMP}",
     ),
     "mas": Method(
@@ -204,6 +209,7 @@ METHODS = {
         ["strategy.mas_lambda=1.0", "strategy.curvature_limit=sgd"],
         "MAS",
         {"lambda_reg": 1.0, "alpha": 0.5},
+        avalanche_runs_of="mas",
         notes=f"incr with its default curvature_limit=sgd. {MAS_AVERAGE}",
     ),
     "rwalk": Method(
@@ -394,7 +400,13 @@ def fresh_memory_views() -> None:
 
 
 def avalanche_run(
-    method_name: str, protocol_name: str, seed: int, epochs: int, data: Path, limit: int | None
+    method_name: str,
+    protocol_name: str,
+    seed: int,
+    epochs: int,
+    data: Path,
+    limit: int | None,
+    threads: int = THREADS,
 ) -> dict:
     """One Avalanche run in this process; returns the accuracy matrix and the timings."""
     import numpy as np
@@ -411,7 +423,7 @@ def avalanche_run(
     from incr_cli.data.mnist import read_idx
 
     method, protocol = METHODS[method_name], PROTOCOLS[protocol_name]
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(threads)
     RNGManager.set_random_seeds(seed)
 
     class Images(torch.utils.data.Dataset):
@@ -531,7 +543,7 @@ def avalanche_run(
 
 # ----------------------------------------------------------------------------------------------- incr side
 def incr_command(
-    method: Method, protocol: Protocol, seed: int, epochs: int | None, run_dir: Path
+    method: Method, protocol: Protocol, seed: int, epochs: int | None, run_dir: Path, threads: int
 ) -> list[str]:
     incr = ["incr"] if shutil.which("incr") else [sys.executable, "-m", "incr_cli"]
     epochs_override = [] if epochs is None else [f"epochs={epochs}"]
@@ -545,6 +557,7 @@ def incr_command(
         *epochs_override,
         f"seed={seed}",
         *INCR_COMMON[1:],
+        f"hardware.num_threads={threads}",
         f"hydra.run.dir={run_dir}",
     ]
 
@@ -557,22 +570,34 @@ def forgetting(matrix: list[list[float]]) -> float:
     return statistics.mean(matrix[j][j] - matrix[last][j] for j in range(last)) if last else 0.0
 
 
+def run_source(tool: str, method_name: str) -> str:
+    """The method whose run `tool` makes for this row (itself, or the row it shares that tool's runs with)."""
+    return METHODS[method_name].runs_of(tool) or method_name
+
+
 def run_one(
-    tool: str, method_name: str, protocol_name: str, seed: int, epochs: int | None, out: Path, data: Path
+    tool: str,
+    method_name: str,
+    protocol_name: str,
+    seed: int,
+    epochs: int | None,
+    out: Path,
+    data: Path,
+    threads: int = THREADS,
 ) -> dict:
     """One run in a subprocess of its own; writes and returns its JSON record (or reads it back if it exists)."""
+    if (source := run_source(tool, method_name)) != method_name:
+        shared = run_one(tool, source, protocol_name, seed, epochs, out, data, threads)
+        return dict(shared, method=method_name)
     record_path = out / "runs" / protocol_name / method_name / f"{tool}_seed{seed}.json"
     if record_path.exists():
         return json.loads(record_path.read_text())
     method, protocol = METHODS[method_name], PROTOCOLS[protocol_name]
-    if tool == "incr" and method.incr_runs_of:
-        shared = run_one(tool, method.incr_runs_of, protocol_name, seed, epochs, out, data)
-        return dict(shared, method=method_name)
     record_path.parent.mkdir(parents=True, exist_ok=True)
     run_epochs = protocol.epochs if epochs is None else epochs
     run_dir = record_path.with_suffix("")
     if tool == "incr":
-        command = incr_command(method, protocol, seed, epochs, run_dir)
+        command = incr_command(method, protocol, seed, epochs, run_dir, threads)
     else:
         command = [
             sys.executable,
@@ -590,10 +615,12 @@ def run_one(
             str(data),
             "--out",
             str(run_dir),
+            "--threads",
+            str(threads),
         ]
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "log.txt"
-    environment = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS))
+    environment = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     started = time.perf_counter()
     with open(log, "w") as handle:
         done = subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, env=environment)
@@ -612,8 +639,10 @@ def run_one(
         "epochs": run_epochs,
         "incr_strategy": method.incr,
         "avalanche_strategy": method.avalanche,
+        "threads": threads,
         "total_seconds": total,
-        "command": shlex.join(command),
+        # relative to the repository root, where it runs
+        "command": shlex.join(command).replace(f"{REPO}/", "").replace(sys.executable, "python"),
     }
     if diverged:
         # a result of the method under these settings, not of the benchmark: recorded, and the table says so
@@ -650,16 +679,18 @@ def mean_std(values: list[float], scale: float = 100.0) -> str:
     return f"{statistics.mean(values) * scale:.2f} ± {std}"
 
 
-def render(records: list[dict], protocols: list[str], methods: list[str], command: str) -> str:
-    lines = [f"Produced by `{command}` on {datetime.date.today().isoformat()}; {machine()}.", ""]
+def render(
+    records: list[dict], protocols: list[str], methods: list[str], command: str, threads: int, jobs: int
+) -> str:
+    lines = [f"Produced by `{command}` on {datetime.date.today().isoformat()}; {machine(threads, jobs)}.", ""]
     for protocol_name in protocols:
         protocol = PROTOCOLS[protocol_name]
         lines += [
             f"### {protocol.title}",
             "",
             "| method | incr (Avalanche's) | accuracy, incr | accuracy, Avalanche | difference (points) "
-            "| forgetting, incr / Avalanche | time ratio (total) | time ratio (train) |",
-            "|---|---|---|---|---|---|---|---|",
+            "| forgetting, incr / Avalanche | time ratio (total) | time ratio (train) | seeds |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for method_name in methods:
             runs = {
@@ -683,9 +714,9 @@ def render(records: list[dict], protocols: list[str], methods: list[str], comman
                 cells = [mean_std(v) if v else "–" for v in (finished["incr"], finished["avalanche"])]
                 lines.append(
                     f"| {method_name} | {method.incr} ({method.avalanche}) | {cells[0]} | {cells[1]} "
-                    f"| – | – | – | – |"
+                    f"| – | – | – | – | {len(runs['incr'])} |"
                 )
-                lines.append(f"|  | stopped: {where} |  |  |  |  |  |  |")
+                lines.append(f"|  | stopped: {where} |  |  |  |  |  |  |  |")
                 continue
             accuracy = {tool: [r["final_average_accuracy"] for r in rs] for tool, rs in runs.items()}
             median = {
@@ -701,7 +732,8 @@ def render(records: list[dict], protocols: list[str], methods: list[str], comman
                 f"| {method_name} | {method.incr} ({method.avalanche}) | {mean_std(accuracy['incr'])} "
                 f"| {mean_std(accuracy['avalanche'])} | {difference:+.2f} | {forget} "
                 f"| {median['avalanche', 'total_seconds'] / median['incr', 'total_seconds']:.2f} "
-                f"| {median['avalanche', 'train_seconds'] / median['incr', 'train_seconds']:.2f} |"
+                f"| {median['avalanche', 'train_seconds'] / median['incr', 'train_seconds']:.2f} "
+                f"| {len(runs['incr'])} |"
             )
         lines.append("")
     lines += [
@@ -719,7 +751,7 @@ def render(records: list[dict], protocols: list[str], methods: list[str], comman
     return "\n".join(lines) + "\n"
 
 
-def machine() -> str:
+def machine(threads: int, jobs: int) -> str:
     cpu = next(
         (
             line.split(":", 1)[1].strip()
@@ -739,7 +771,8 @@ def machine() -> str:
     )
     return (
         f"{len(os.sched_getaffinity(0))} CPU cores ({cpu}), torch {torch.__version__}, Avalanche {avalanche}, "
-        f"incr at git {revision.stdout.strip() or 'unknown'}, {THREADS} threads; 1-minute load average "
+        f"incr at git {revision.stdout.strip() or 'unknown'}, {threads} threads per run, {jobs} run(s) at a "
+        "time; 1-minute load average "
         f"{os.getloadavg()[0]:.1f} at the end"
     )
 
@@ -778,6 +811,13 @@ def main() -> None:
         "on about LIMIT training samples, no incr runs, no table",
     )
     parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs at a time (each its own subprocess, in the interleaved order); with 2, give each --threads 1",
+    )
+    parser.add_argument("--threads", type=int, default=THREADS, help="torch threads of each run")
+    parser.add_argument(
         "--worker", action="store_true", help=argparse.SUPPRESS
     )  # one Avalanche run, into --out
     args = parser.parse_args()
@@ -786,7 +826,9 @@ def main() -> None:
         parser.error(f"unknown method(s) {', '.join(sorted(unknown))}; valid: {', '.join(METHODS)}")
     seeds = [int(seed) for seed in args.seeds.split(",")]
     if args.worker:
-        result = avalanche_run(methods[0], args.protocol, seeds[0], args.epochs, args.data, args.limit)
+        result = avalanche_run(
+            methods[0], args.protocol, seeds[0], args.epochs, args.data, args.limit, args.threads
+        )
         (args.out / "result.json").write_text(json.dumps(result))
         return
     if args.limit:  # the Avalanche side only, in this process
@@ -810,26 +852,41 @@ def main() -> None:
         or REPO / "outputs" / "benchmarks" / "parity" / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     ).resolve()
     command = shlex.join(["python", "benchmarks/parity.py", *sys.argv[1:]])
-    records = []
-    for protocol_name in protocols:
-        for method_name in methods:
-            for seed in seeds:  # interleaved: incr seed s, then Avalanche seed s
-                for tool in ("incr", "avalanche"):
-                    record = run_one(tool, method_name, protocol_name, seed, args.epochs, out, args.data)
-                    records.append(record)
-                    outcome = (
-                        f"stopped: {record['diverged']}"
-                        if record.get("diverged")
-                        else f"accuracy {record['final_average_accuracy']:.4f}, "
-                        f"train {record['train_seconds']:.1f} s"
-                    )
-                    print(
-                        f"{protocol_name} {method_name} {tool} seed {seed}: {outcome}, "
-                        f"total {record['total_seconds']:.1f} s",
-                        flush=True,
-                    )
+    # interleaved: incr seed s, then Avalanche seed s; a run that rows share is made once, for its own row
+    rows = [
+        (tool, method_name, protocol_name, seed)
+        for protocol_name in protocols
+        for method_name in methods
+        for seed in seeds
+        for tool in ("incr", "avalanche")
+    ]
+    runs = list(
+        dict.fromkeys((tool, run_source(tool, name), protocol, seed) for tool, name, protocol, seed in rows)
+    )
+
+    def run(key: tuple[str, str, str, int]) -> dict:
+        tool, method_name, protocol_name, seed = key
+        record = run_one(tool, method_name, protocol_name, seed, args.epochs, out, args.data, args.threads)
+        outcome = (
+            f"stopped: {record['diverged']}"
+            if record.get("diverged")
+            else f"accuracy {record['final_average_accuracy']:.4f}, train {record['train_seconds']:.1f} s"
+        )
+        print(
+            f"{protocol_name} {method_name} {tool} seed {seed}: {outcome}, total {record['total_seconds']:.1f} s",
+            flush=True,
+        )
+        return record
+
+    # threads suffice: each run is a subprocess
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(run, runs))  # raises the first failure
+    records = [
+        run_one(tool, name, protocol, seed, args.epochs, out, args.data, args.threads)
+        for tool, name, protocol, seed in rows
+    ]
     (out / "results.json").write_text(json.dumps(records, indent=1))
-    table = render(records, protocols, methods, command)
+    table = render(records, protocols, methods, command, args.threads, args.jobs)
     if args.write:
         args.table.parent.mkdir(parents=True, exist_ok=True)
         args.table.write_text(table)
