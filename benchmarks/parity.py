@@ -575,6 +575,13 @@ def run_source(tool: str, method_name: str) -> str:
     return METHODS[method_name].runs_of(tool) or method_name
 
 
+def finished_record(tool: str, method_name: str, protocol_name: str, seed: int, out: Path) -> dict | None:
+    """The run's record under `out` if it has finished (for a row that shares the tool's runs, the shared one)."""
+    source = run_source(tool, method_name)
+    path = out / "runs" / protocol_name / source / f"{tool}_seed{seed}.json"
+    return dict(json.loads(path.read_text()), method=method_name) if path.exists() else None
+
+
 def run_one(
     tool: str,
     method_name: str,
@@ -818,6 +825,11 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=THREADS, help="torch threads of each run")
     parser.add_argument(
+        "--finished-only",
+        action="store_true",
+        help="run nothing: the table of the runs finished under --out (a row counts the seeds both tools have)",
+    )
+    parser.add_argument(
         "--worker", action="store_true", help=argparse.SUPPRESS
     )  # one Avalanche run, into --out
     args = parser.parse_args()
@@ -878,13 +890,22 @@ def main() -> None:
         )
         return record
 
-    # threads suffice: each run is a subprocess
-    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        list(pool.map(run, runs))  # raises the first failure
-    records = [
-        run_one(tool, name, protocol, seed, args.epochs, out, args.data, args.threads)
-        for tool, name, protocol, seed in rows
-    ]
+    if args.finished_only:
+        found = {row: finished_record(*row, out) for row in rows}
+        # a seed counts once both tools have it
+        records = [
+            record
+            for (tool, name, protocol, seed), record in found.items()
+            if all(found[(other, name, protocol, seed)] for other in ("incr", "avalanche"))
+        ]
+    else:
+        # threads suffice: each run is a subprocess
+        with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            list(pool.map(run, runs))  # raises the first failure
+        records = [
+            run_one(tool, name, protocol, seed, args.epochs, out, args.data, args.threads)
+            for tool, name, protocol, seed in rows
+        ]
     (out / "results.json").write_text(json.dumps(records, indent=1))
     table = render(records, protocols, methods, command, args.threads, args.jobs)
     if args.write:
