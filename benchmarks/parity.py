@@ -24,6 +24,12 @@ here the same way for both); an incr run stopped by a non-finite loss is recorde
 row in the table says so instead of giving a mean. The table: method, incr and Avalanche final average accuracy (mean ± std over seeds),
 their difference in points, and the time ratio Avalanche total s / incr total s (above 1: incr is faster).
 
+`--jobs 2 --threads 1` makes two runs at a time, one thread each, in the same interleaved order (both tools'
+runs then share the cores alike, and the time ratios are those of one thread). The records behind
+docs/benchmarks.md's ConvNet table are kept under benchmarks/results/parity/ (their runs' folders are not): with
+`--out benchmarks/results/parity` a run makes only what is missing there, and `--finished-only` renders the
+table of what is there without running anything.
+
 Install Avalanche next to incr (it leaves torch as it is): `pip install -e '.[parity]'`. From the repository root:
     python benchmarks/parity.py --protocol both --write --table docs/parity.md          # the full table
     python benchmarks/parity.py --protocol mlp --methods finetune,replay --seeds 0 --epochs 1   # a smoke run
