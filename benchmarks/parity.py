@@ -22,7 +22,8 @@ one, averaged over the tasks before the last), train seconds (inside each tool's
 included), run seconds (each tool's own timing of its run) and total seconds (the subprocess's wall time, measured
 here the same way for both); an incr run stopped by a non-finite loss is recorded with where it stopped, and its
 row in the table says so instead of giving a mean. The table: method, incr and Avalanche final average accuracy (mean ± std over seeds),
-their difference in points, and the time ratio Avalanche total s / incr total s (above 1: incr is faster).
+their difference in points, the time ratio Avalanche total s / incr total s (above 1: incr is faster) and the
+number of seeds.
 
 `--jobs 2 --threads 1` makes two runs at a time, one thread each, in the same interleaved order (both tools'
 runs then share the cores alike, and the time ratios are those of one thread). The records behind
