@@ -582,11 +582,24 @@ def run_source(tool: str, method_name: str) -> str:
     return METHODS[method_name].runs_of(tool) or method_name
 
 
-def finished_record(tool: str, method_name: str, protocol_name: str, seed: int, out: Path) -> dict | None:
-    """The run's record under `out` if it has finished (for a row that shares the tool's runs, the shared one)."""
-    source = run_source(tool, method_name)
-    path = out / "runs" / protocol_name / source / f"{tool}_seed{seed}.json"
-    return dict(json.loads(path.read_text()), method=method_name) if path.exists() else None
+def record_file(out: Path, tool: str, method_name: str, protocol_name: str, seed: int) -> Path:
+    return out / "runs" / protocol_name / method_name / f"{tool}_seed{seed}.json"
+
+
+def finished_records(rows: list[tuple[str, str, str, int]], out: Path) -> list[dict]:
+    """The records under `out` of the rows (tool, method, protocol, seed) whose seed both tools have finished;
+    a row that shares a tool's runs reads the shared record."""
+    found = {}
+    for tool, name, protocol, seed in rows:
+        path = record_file(out, tool, run_source(tool, name), protocol, seed)
+        found[tool, name, protocol, seed] = (
+            dict(json.loads(path.read_text()), method=name) if path.exists() else None
+        )
+    return [
+        record
+        for (_, name, protocol, seed), record in found.items()
+        if all(found.get((tool, name, protocol, seed)) for tool in ("incr", "avalanche"))
+    ]
 
 
 def run_one(
@@ -603,7 +616,7 @@ def run_one(
     if (source := run_source(tool, method_name)) != method_name:
         shared = run_one(tool, source, protocol_name, seed, epochs, out, data, threads)
         return dict(shared, method=method_name)
-    record_path = out / "runs" / protocol_name / method_name / f"{tool}_seed{seed}.json"
+    record_path = record_file(out, tool, method_name, protocol_name, seed)
     if record_path.exists():
         return json.loads(record_path.read_text())
     method, protocol = METHODS[method_name], PROTOCOLS[protocol_name]
@@ -898,13 +911,7 @@ def main() -> None:
         return record
 
     if args.finished_only:
-        found = {row: finished_record(*row, out) for row in rows}
-        # a seed counts once both tools have it
-        records = [
-            record
-            for (tool, name, protocol, seed), record in found.items()
-            if all(found[(other, name, protocol, seed)] for other in ("incr", "avalanche"))
-        ]
+        records = finished_records(rows, out)
     else:
         # threads suffice: each run is a subprocess
         with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:

@@ -1,0 +1,74 @@
+"""benchmarks/parity.py's bookkeeping: which run records a row reads, and which seeds its table counts."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+PARITY = Path(__file__).resolve().parent.parent / "benchmarks" / "parity.py"
+
+
+@pytest.fixture(scope="module")
+def parity():
+    spec = importlib.util.spec_from_file_location("parity_benchmark", PARITY)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def write_record(parity, out: Path, tool: str, method: str, seed: int, accuracy: float, seconds: float):
+    path = parity.record_file(out, tool, method, "convnet", seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "tool": tool,
+        "method": method,
+        "protocol": "convnet",
+        "seed": seed,
+        "final_average_accuracy": accuracy,
+        "forgetting": 0.1,
+        "total_seconds": seconds,
+        "train_seconds": seconds / 2,
+    }
+    path.write_text(json.dumps(record))
+
+
+def rows(methods, seeds):
+    return [(tool, m, "convnet", s) for m in methods for s in seeds for tool in ("incr", "avalanche")]
+
+
+def test_a_row_that_shares_a_tools_runs_reads_them_and_counts_only_seeds_both_tools_finished(
+    parity, tmp_path
+):
+    # gem_fresh_views changes Avalanche's side only: its incr runs are gem's
+    write_record(parity, tmp_path, "incr", "gem", 0, 0.80, 10.0)
+    write_record(parity, tmp_path, "avalanche", "gem_fresh_views", 0, 0.81, 20.0)
+    write_record(parity, tmp_path, "incr", "gem", 1, 0.79, 10.0)  # seed 1: Avalanche's not finished
+    records = parity.finished_records(rows(["gem_fresh_views"], [0, 1]), tmp_path)
+    assert sorted((r["tool"], r["method"], r["seed"]) for r in records) == [
+        ("avalanche", "gem_fresh_views", 0),
+        ("incr", "gem_fresh_views", 0),
+    ]
+    assert next(r for r in records if r["tool"] == "incr")["final_average_accuracy"] == 0.80
+    # the capped SI row shares the uncapped row's Avalanche runs
+    write_record(parity, tmp_path, "incr", "si_curvature_limit", 0, 0.20, 10.0)
+    write_record(parity, tmp_path, "avalanche", "si", 0, 0.19, 30.0)
+    shared = parity.finished_records(rows(["si_curvature_limit"], [0]), tmp_path)
+    assert {(r["tool"], r["final_average_accuracy"]) for r in shared} == {("incr", 0.20), ("avalanche", 0.19)}
+
+
+def test_the_table_gives_each_rows_mean_difference_time_ratio_and_seed_count(parity, tmp_path):
+    for seed, (mine, theirs) in enumerate([(0.80, 0.70), (0.82, 0.74)]):
+        write_record(parity, tmp_path, "incr", "replay", seed, mine, 10.0)
+        write_record(parity, tmp_path, "avalanche", "replay", seed, theirs, 30.0)
+    write_record(parity, tmp_path, "incr", "replay", 2, 0.5, 10.0)  # unmatched: left out
+    records = parity.finished_records(rows(["replay"], [0, 1, 2]), tmp_path)
+    table = parity.render(records, ["convnet"], ["replay"], "command", threads=1, jobs=2)
+    row = next(line for line in table.splitlines() if line.startswith("| replay |"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    # incr 81 +- 1.41, Avalanche 72 +- 2.83, 9 points apart, Avalanche 3 times slower, 2 seeds
+    assert cells[2:5] == ["81.00 ± 1.41", "72.00 ± 2.83", "+9.00"]
+    assert cells[6:] == ["3.00", "3.00", "2"]
