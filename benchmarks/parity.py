@@ -910,16 +910,11 @@ def main() -> None:
         )
         return record
 
-    if args.finished_only:
-        records = finished_records(rows, out)
-    else:
+    if not args.finished_only:
         # threads suffice: each run is a subprocess
         with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
             list(pool.map(run, runs))  # raises the first failure
-        records = [
-            run_one(tool, name, protocol, seed, args.epochs, out, args.data, args.threads)
-            for tool, name, protocol, seed in rows
-        ]
+    records = finished_records(rows, out)
     (out / "results.json").write_text(json.dumps(records, indent=1))
     table = render(records, protocols, methods, command, args.threads, args.jobs)
     if args.write:
