@@ -32,7 +32,9 @@ docs/benchmarks.md's ConvNet table are kept under benchmarks/results/parity/ (th
 table of what is there without running anything.
 
 Install Avalanche next to incr (it leaves torch as it is): `pip install -e '.[parity]'`. From the repository root:
-    python benchmarks/parity.py --protocol both --write --table docs/parity.md          # the full table
+    python benchmarks/parity.py --protocol both --write --table docs/parity.md          # the full table, new file
+    python benchmarks/parity.py --protocol convnet --out benchmarks/results/parity --finished-only --write
+        # the kept records' table, into docs/benchmarks.md between its parity-convnet markers
     python benchmarks/parity.py --protocol mlp --methods finetune,replay --seeds 0 --epochs 1   # a smoke run
 Run it on a quiet machine: other processes on the cores ruin the timings.
 """
@@ -56,6 +58,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from docs_page import DOCS, replace_section  # noqa: E402  (benchmarks/ is a folder of scripts)
 
 REPO = Path(__file__).resolve().parent.parent
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
@@ -143,6 +148,10 @@ SI_CLAMP = (
     "Avalanche 0.6 clamps every parameter's Omega at 0.001 (a constant in SynapticIntelligencePlugin's "
     "after_training_exp); the paper, Mammoth and van de Ven et al. have no such bound, nor has incr: "
     "Avalanche's penalty stays tiny at this lambda."
+)
+DER_MEMORY = (
+    "memory: incr reservoir, offered every batch (the paper); Avalanche class-balanced, filled and its logits "
+    "recorded at each task's end"
 )
 MAS_AVERAGE = (
     "importance across tasks: incr sums the tasks' Omega (the paper); Avalanche keeps "
@@ -270,8 +279,7 @@ METHODS = {
         "DER",
         {"mem_size": MEMORY, "alpha": 0.3, "beta": 0.0, "batch_size_mem": BATCH_SIZE},
         head="full",
-        notes="memory: incr reservoir, offered every batch (the paper); Avalanche class-balanced, filled and its "
-        "logits recorded at each task's end.",
+        notes=DER_MEMORY + ".",
     ),
     "derpp": Method(
         "derpp",
@@ -279,7 +287,8 @@ METHODS = {
         "DER",
         {"mem_size": MEMORY, "alpha": 0.1, "beta": 0.5, "batch_size_mem": BATCH_SIZE},
         head="full",
-        notes="as der; and Avalanche's MSE and CE terms share one memory batch, incr draws two (the paper).",
+        notes=DER_MEMORY
+        + "; and Avalanche's MSE and CE terms share one memory batch, incr draws two (the paper).",
     ),
     "gdumb": Method("gdumb", [f"strategy.memory.size={MEMORY}"], "GDumb", {"mem_size": MEMORY}),
     # incr's GDumb restarting each retraining from the run's first weights, as Avalanche's GDumbPlugin does
@@ -706,64 +715,61 @@ def mean_std(values: list[float], scale: float = 100.0) -> str:
     return f"{statistics.mean(values) * scale:.2f} ± {std}"
 
 
-def render(
-    records: list[dict], protocols: list[str], methods: list[str], command: str, threads: int, jobs: int
-) -> str:
-    lines = [f"Produced by `{command}` on {datetime.date.today().isoformat()}; {machine(threads, jobs)}.", ""]
-    for protocol_name in protocols:
-        protocol = PROTOCOLS[protocol_name]
-        lines += [
-            f"### {protocol.title}",
-            "",
-            "| method | incr (Avalanche's) | accuracy, incr | accuracy, Avalanche | difference (points) "
-            "| forgetting, incr / Avalanche | time ratio (total) | time ratio (train) | seeds |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for method_name in methods:
-            runs = {
-                tool: [
-                    r
-                    for r in records
-                    if (r["tool"], r["protocol"], r["method"]) == (tool, protocol_name, method_name)
-                ]
-                for tool in ("incr", "avalanche")
-            }
-            if not runs["incr"] or not runs["avalanche"]:
-                continue
-            method = METHODS[method_name]
-            if stopped := [r for rs in runs.values() for r in rs if r.get("diverged")]:
-                # no mean to compare: the row says which runs stopped, and where
-                where = "; ".join(f"{r['tool']} seed {r['seed']}: {r['diverged']}" for r in stopped)
-                finished = {
-                    tool: [r["final_average_accuracy"] for r in rs if not r.get("diverged")]
-                    for tool, rs in runs.items()
-                }
-                cells = [mean_std(v) if v else "–" for v in (finished["incr"], finished["avalanche"])]
-                lines.append(
-                    f"| {method_name} | {method.incr} ({method.avalanche}) | {cells[0]} | {cells[1]} "
-                    f"| – | – | – | – | {len(runs['incr'])} |"
-                )
-                lines.append(f"|  | stopped: {where} |  |  |  |  |  |  |  |")
-                continue
-            accuracy = {tool: [r["final_average_accuracy"] for r in rs] for tool, rs in runs.items()}
-            median = {
-                (tool, key): statistics.median(r[key] for r in rs)
+def table_block(records: list[dict], protocol_name: str, methods: list[str]) -> str:
+    """One protocol's table, its legend and the notes of its rows: the text between the protocol's markers in
+    docs/benchmarks.md (`block_markers`)."""
+    lines = [
+        "| method | incr (Avalanche's) | accuracy, incr | accuracy, Avalanche | difference (points) "
+        "| forgetting, incr / Avalanche | time ratio (total) | time ratio (train) | seeds |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    shown = []
+    for method_name in methods:
+        runs = {
+            tool: [
+                r
+                for r in records
+                if (r["tool"], r["protocol"], r["method"]) == (tool, protocol_name, method_name)
+            ]
+            for tool in ("incr", "avalanche")
+        }
+        if not runs["incr"] or not runs["avalanche"]:
+            continue
+        shown.append(method_name)
+        method = METHODS[method_name]
+        if stopped := [r for rs in runs.values() for r in rs if r.get("diverged")]:
+            # no mean to compare: the row says which runs stopped, and where
+            where = "; ".join(f"{r['tool']} seed {r['seed']}: {r['diverged']}" for r in stopped)
+            finished = {
+                tool: [r["final_average_accuracy"] for r in rs if not r.get("diverged")]
                 for tool, rs in runs.items()
-                for key in ("total_seconds", "train_seconds")
             }
-            difference = (statistics.mean(accuracy["incr"]) - statistics.mean(accuracy["avalanche"])) * 100
-            forget = " / ".join(
-                f"{statistics.mean(r['forgetting'] for r in runs[t]):.3f}" for t in ("incr", "avalanche")
-            )
+            cells = [mean_std(v) if v else "–" for v in (finished["incr"], finished["avalanche"])]
             lines.append(
-                f"| {method_name} | {method.incr} ({method.avalanche}) | {mean_std(accuracy['incr'])} "
-                f"| {mean_std(accuracy['avalanche'])} | {difference:+.2f} | {forget} "
-                f"| {median['avalanche', 'total_seconds'] / median['incr', 'total_seconds']:.2f} "
-                f"| {median['avalanche', 'train_seconds'] / median['incr', 'train_seconds']:.2f} "
-                f"| {len(runs['incr'])} |"
+                f"| {method_name} | {method.incr} ({method.avalanche}) | {cells[0]} | {cells[1]} "
+                f"| – | – | – | – | {len(runs['incr'])} |"
             )
-        lines.append("")
+            lines.append(f"|  | stopped: {where} |  |  |  |  |  |  |  |")
+            continue
+        accuracy = {tool: [r["final_average_accuracy"] for r in rs] for tool, rs in runs.items()}
+        median = {
+            (tool, key): statistics.median(r[key] for r in rs)
+            for tool, rs in runs.items()
+            for key in ("total_seconds", "train_seconds")
+        }
+        difference = (statistics.mean(accuracy["incr"]) - statistics.mean(accuracy["avalanche"])) * 100
+        forget = " / ".join(
+            f"{statistics.mean(r['forgetting'] for r in runs[t]):.3f}" for t in ("incr", "avalanche")
+        )
+        lines.append(
+            f"| {method_name} | {method.incr} ({method.avalanche}) | {mean_std(accuracy['incr'])} "
+            f"| {mean_std(accuracy['avalanche'])} | {difference:+.2f} | {forget} "
+            f"| {median['avalanche', 'total_seconds'] / median['incr', 'total_seconds']:.2f} "
+            f"| {median['avalanche', 'train_seconds'] / median['incr', 'train_seconds']:.2f} "
+            f"| {len(runs['incr'])} |"
+        )
     lines += [
+        "",
         "Final average accuracy in percent, mean ± sample std over the seeds. Forgetting: Avalanche's (accuracy right "
         "after learning a task minus the final one, tasks before the last), mean over the seeds. Time ratios: "
         "Avalanche's median over incr's median; total: each run's process from start to exit (start-up and data "
@@ -771,11 +777,46 @@ def render(
         "",
         "Differences that the settings do not remove:",
         "",
-        *(f"- {name}: {METHODS[name].notes}" for name in methods if METHODS[name].notes),
+        *(f"- {name}: {METHODS[name].notes}" for name in shown if METHODS[name].notes),
         "- every method: incr's head is one row per class seen so far; Avalanche's is its IncrementalClassifier "
         "(unseen classes masked out) except where noted.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def block_markers(protocol_name: str) -> tuple[str, str]:
+    return f"<!-- parity-{protocol_name}:begin -->", f"<!-- parity-{protocol_name}:end -->"
+
+
+def render(
+    records: list[dict], protocols: list[str], methods: list[str], command: str, threads: int, jobs: int
+) -> str:
+    """The whole table, as printed (or written to a new file): the command and machine, then each protocol's."""
+    lines = [f"Produced by `{command}` on {datetime.date.today().isoformat()}; {machine(threads, jobs)}.", ""]
+    for protocol_name in protocols:
+        lines += [f"### {PROTOCOLS[protocol_name].title}", "", table_block(records, protocol_name, methods)]
+    return "\n".join(lines)
+
+
+def write_table(
+    page: Path, records: list[dict], protocols: list[str], methods: list[str], whole: str
+) -> None:
+    """A new page gets the whole rendering. In a page that exists each protocol's block replaces the text
+    between its markers, the page's prose (what produced it, what it says) staying as it is; a page without
+    a protocol's markers is an error, not overwritten."""
+    if not page.exists():
+        page.parent.mkdir(parents=True, exist_ok=True)
+        page.write_text(whole)
+        return
+    text = page.read_text()
+    for protocol_name in protocols:
+        begin, end = block_markers(protocol_name)
+        if begin not in text or end not in text:
+            raise SystemExit(f"{page} has no {begin} ... {end} block for the {protocol_name} table")
+    for protocol_name in protocols:
+        begin, end = block_markers(protocol_name)
+        section = f"{begin}\n{table_block(records, protocol_name, methods)}{end}"
+        replace_section(begin, end, section, page)
 
 
 def machine(threads: int, jobs: int) -> str:
@@ -829,7 +870,14 @@ def main() -> None:
     parser.add_argument(
         "--write", action="store_true", help="write the table into --table instead of printing it"
     )
-    parser.add_argument("--table", type=Path, default=None, help="the markdown file --write writes")
+    parser.add_argument(
+        "--table",
+        type=Path,
+        default=DOCS,
+        help="the markdown file --write writes: a new file gets the whole table; in one that exists (by "
+        "default docs/benchmarks.md) each protocol's table replaces the text between its "
+        "<!-- parity-PROTOCOL:begin/end --> markers",
+    )
     parser.add_argument(
         "--limit",
         type=int,
@@ -872,8 +920,6 @@ def main() -> None:
                     f"{protocol_name} {method_name}: accuracy {statistics.mean(result['accuracy_matrix'][-1]):.4f}"
                 )
         return
-    if args.write and args.table is None:
-        parser.error("--write needs --table FILE")
     try:
         import avalanche  # noqa: F401
     except ImportError:
@@ -918,8 +964,7 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps(records, indent=1))
     table = render(records, protocols, methods, command, args.threads, args.jobs)
     if args.write:
-        args.table.parent.mkdir(parents=True, exist_ok=True)
-        args.table.write_text(table)
+        write_table(args.table, records, protocols, methods, table)
         print(f"wrote {args.table}; run records in {out}")
     else:
         print(table)

@@ -72,3 +72,30 @@ def test_the_table_gives_each_rows_mean_difference_time_ratio_and_seed_count(par
     # incr 81 +- 1.41, Avalanche 72 +- 2.83, 9 points apart, Avalanche 3 times slower, 2 seeds
     assert cells[2:5] == ["81.00 ± 1.41", "72.00 ± 2.83", "+9.00"]
     assert cells[6:] == ["3.00", "3.00", "2"]
+
+
+def test_writing_into_a_page_replaces_only_the_protocols_block_and_refuses_a_page_without_one(
+    parity, tmp_path
+):
+    for tool, accuracy in [("incr", 0.80), ("avalanche", 0.78)]:
+        write_record(parity, tmp_path, tool, "replay", 0, accuracy, 10.0)
+    records = parity.finished_records(rows(["replay"], [0]), tmp_path)
+    begin, end = parity.block_markers("convnet")
+    page = tmp_path / "page.md"
+    page.write_text(f"prose before\n{begin}\nan old table\n{end}\nprose after\n")
+    parity.write_table(page, records, ["convnet"], ["replay", "gem"], whole="the whole rendering")
+    text = page.read_text()
+    assert text.startswith(f"prose before\n{begin}\n| method |") and text.endswith(f"{end}\nprose after\n")
+    assert (
+        "an old table" not in text and "| replay | replay (Replay) | 80.00 ± – | 78.00 ± – | +2.00 |" in text
+    )
+    # gem has no records: neither its row nor its note is written
+    assert "| gem |" not in text and "- gem:" not in text and "- replay: memory" in text
+    bare = tmp_path / "bare.md"
+    bare.write_text("a page without markers\n")
+    with pytest.raises(SystemExit, match="parity-convnet"):
+        parity.write_table(bare, records, ["convnet"], ["replay"], whole="the whole rendering")
+    assert bare.read_text() == "a page without markers\n"
+    new = tmp_path / "new" / "table.md"
+    parity.write_table(new, records, ["convnet"], ["replay"], whole="the whole rendering")
+    assert new.read_text() == "the whole rendering"
