@@ -798,6 +798,16 @@ def render(
     return "\n".join(lines)
 
 
+def missing_block(page: Path, protocols: list[str]) -> str | None:
+    """What keeps --write from putting the tables into an existing page (a protocol without its markers)."""
+    text = page.read_text() if page.exists() else None
+    for protocol_name in protocols:
+        begin, end = block_markers(protocol_name)
+        if text is not None and (begin not in text or end not in text):
+            return f"{page} has no {begin} ... {end} block for the {protocol_name} table"
+    return None
+
+
 def write_table(
     page: Path, records: list[dict], protocols: list[str], methods: list[str], whole: str
 ) -> None:
@@ -808,11 +818,8 @@ def write_table(
         page.parent.mkdir(parents=True, exist_ok=True)
         page.write_text(whole)
         return
-    text = page.read_text()
-    for protocol_name in protocols:
-        begin, end = block_markers(protocol_name)
-        if begin not in text or end not in text:
-            raise SystemExit(f"{page} has no {begin} ... {end} block for the {protocol_name} table")
+    if problem := missing_block(page, protocols):
+        raise SystemExit(problem)
     for protocol_name in protocols:
         begin, end = block_markers(protocol_name)
         section = f"{begin}\n{table_block(records, protocol_name, methods)}{end}"
@@ -920,11 +927,13 @@ def main() -> None:
                     f"{protocol_name} {method_name}: accuracy {statistics.mean(result['accuracy_matrix'][-1]):.4f}"
                 )
         return
+    protocols = ["mlp", "convnet"] if args.protocol == "both" else [args.protocol]
+    if args.write and (problem := missing_block(args.table, protocols)):
+        parser.error(problem)  # before any run, not after hours of them
     try:
         import avalanche  # noqa: F401
     except ImportError:
         raise SystemExit("Avalanche is not installed: pip install -e '.[parity]'") from None
-    protocols = ["mlp", "convnet"] if args.protocol == "both" else [args.protocol]
     out = (
         args.out
         or REPO / "outputs" / "benchmarks" / "parity" / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
