@@ -122,6 +122,9 @@ class Method:
     avalanche_memory_views: str = (
         "own"  # own | fresh: GEM's memory read through the training transform at every step (Mammoth's)
     )
+    avalanche_der_memory: str = (
+        "own"  # own | reservoir: DER's memory offered every step, with that step's logits (the paper's)
+    )
     # a row that changes one side only: the other tool's runs are this method's, read (or run) under its name
     incr_runs_of: str = ""
     avalanche_runs_of: str = ""
@@ -290,6 +293,19 @@ METHODS = {
         notes=DER_MEMORY
         + "; and Avalanche's MSE and CE terms share one memory batch, incr draws two (the paper).",
     ),
+    # Avalanche's DER with the paper's memory, nothing else changed: measures what its memory is worth
+    "derpp_reservoir": Method(
+        "derpp",
+        [f"strategy.memory.size={MEMORY}", "strategy.alpha=0.1", "strategy.beta=0.5", "strategy.head=full"],
+        "DER",
+        {"mem_size": MEMORY, "alpha": 0.1, "beta": 0.5, "batch_size_mem": BATCH_SIZE},
+        head="full",
+        avalanche_der_memory="reservoir",
+        incr_runs_of="derpp",
+        notes="Avalanche's DER with the paper's memory (incr's): reservoir over every training sample, offered "
+        "after each step with that step's logits (train mode, augmented input), kept unaugmented and augmented "
+        "anew at each draw; its one memory batch for both terms is kept.",
+    ),
     "gdumb": Method("gdumb", [f"strategy.memory.size={MEMORY}"], "GDumb", {"mem_size": MEMORY}),
     # incr's GDumb restarting each retraining from the run's first weights, as Avalanche's GDumbPlugin does
     "gdumb_first_weights": Method(
@@ -415,6 +431,77 @@ def fresh_memory_views() -> None:
     gem.GEMPlugin.before_training_iteration = before_training_iteration
 
 
+def augment_batch(x: torch.Tensor, padding: int) -> torch.Tensor:
+    """torchvision's RandomCrop(padding, zero fill) then RandomHorizontalFlip, per sample, on a batch already
+    normalised: the zero fill becomes the value zero takes after Normalize."""
+    n, size = len(x), x.shape[-1]
+    padded = nn.functional.pad(x, [padding] * 4, value=-MEAN / STD)
+    offsets = torch.randint(0, 2 * padding + 1, (n, 2)).tolist()
+    out = torch.stack([padded[i, :, r : r + size, c : c + size] for i, (r, c) in enumerate(offsets)])
+    flip = torch.rand(n) < 0.5
+    out[flip] = out[flip].flip(-1)
+    return out
+
+
+def reservoir_der(der_class: type, augment: bool) -> type:
+    """Avalanche's DER with the paper's (and Mammoth's, and incr's) memory, its loss and one memory batch for
+    both terms unchanged. Avalanche's own fills a class-balanced memory at each task's end with the finished
+    network's eval-mode logits on the unaugmented images, and replays from the second task. Here: reservoir
+    sampling over every training sample, offered after each step with the logits that step computed (train
+    mode, augmented input), from the first step on; the memory keeps the unaugmented images and each draw is
+    augmented anew. The training set must then come unaugmented: augmentation moves into the step."""
+
+    class ReservoirDER(der_class):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.seen, self.stored = 0, {}  # stored: x, y, logits, each mem_size rows once filled
+
+        def _before_training_exp(self, **kwargs):
+            super(der_class, self)._before_training_exp(**kwargs)  # no class-balanced replay loader
+
+        def _after_training_exp(self, **kwargs):
+            super(der_class, self)._after_training_exp(**kwargs)  # no end-of-task memory update
+
+        def _before_forward(self, **kwargs):
+            super(der_class, self)._before_forward(**kwargs)
+            self.unaugmented = (self.mbatch[0], self.mbatch[1])
+            if augment:
+                self.mbatch[0] = augment_batch(self.mbatch[0], CROP_PADDING)
+            # training_epoch replays when replay_loader is set and slices off batch_size_mem rows
+            self.replay_loader = None
+            if self.stored and len(self.stored["y"]) >= self.batch_size_mem:
+                rows = torch.randperm(len(self.stored["y"]))[: self.batch_size_mem]
+                x = self.stored["x"][rows]
+                self.mbatch[0] = torch.cat((augment_batch(x, CROP_PADDING) if augment else x, self.mbatch[0]))
+                self.mbatch[1] = torch.cat((self.stored["y"][rows], self.mbatch[1]))
+                self.mbatch[2] = torch.cat((torch.zeros_like(rows), self.mbatch[2]))
+                self.batch_logits, self.replay_loader = self.stored["logits"][rows], "memory"
+
+        def _after_training_iteration(self, **kwargs):
+            x, y = self.unaugmented
+            logits = self.mb_output[len(self.mb_output) - len(y) :].detach()
+            for i in range(len(y)):  # reservoir sampling (Vitter's algorithm R), as Mammoth's buffer
+                slot = self.seen if self.seen < self.mem_size else int(torch.randint(0, self.seen + 1, ()))
+                self.seen += 1
+                if slot >= self.mem_size:
+                    continue
+                if not self.stored:
+                    self.stored = {
+                        "x": x.new_empty(0, *x.shape[1:]),
+                        "y": y.new_empty(0),
+                        "logits": logits.new_empty(0, logits.shape[1]),
+                    }
+                if slot == len(self.stored["y"]):
+                    for key, value in (("x", x), ("y", y), ("logits", logits)):
+                        self.stored[key] = torch.cat((self.stored[key], value[i : i + 1]))
+                else:
+                    for key, value in (("x", x), ("y", y), ("logits", logits)):
+                        self.stored[key][slot] = value[i]
+            super()._after_training_iteration(**kwargs)
+
+    return ReservoirDER
+
+
 def avalanche_run(
     method_name: str,
     protocol_name: str,
@@ -463,7 +550,11 @@ def avalanche_run(
 
     normalise = [transforms.ToTensor(), transforms.Normalize((MEAN,), (STD,))]
     augment = [transforms.RandomCrop(28, padding=CROP_PADDING), transforms.RandomHorizontalFlip()]
-    train_transform = transforms.Compose((augment if protocol.augment else []) + normalise)
+    # the reservoir DER augments inside its step, its memory's draws too (reservoir_der)
+    augment_in_step = method.avalanche_der_memory == "reservoir" and protocol.augment
+    train_transform = transforms.Compose(
+        (augment if protocol.augment and not augment_in_step else []) + normalise
+    )
     started = time.perf_counter()
     benchmark = nc_benchmark(
         Images("train"),
@@ -528,7 +619,10 @@ def avalanche_run(
             **kwargs,
         )
     else:
-        strategy = getattr(supervised, name)(
+        strategy_class = getattr(supervised, name)
+        if method.avalanche_der_memory == "reservoir":
+            strategy_class = reservoir_der(strategy_class, augment_in_step)
+        strategy = strategy_class(
             model=model, criterion=nn.CrossEntropyLoss(), plugins=plugins, **common, **kwargs
         )
 

@@ -99,3 +99,30 @@ def test_writing_into_a_page_replaces_only_the_protocols_block_and_refuses_a_pag
     new = tmp_path / "new" / "table.md"
     parity.write_table(new, records, ["convnet"], ["replay"], whole="the whole rendering")
     assert new.read_text() == "the whole rendering"
+
+
+def test_in_step_augmentation_draws_torchvision_crops_and_flips(parity):
+    """The reservoir DER's augmentation of normalised batches: every output is one of torchvision's
+    RandomCrop(28, padding=4) + RandomHorizontalFlip results on the raw image, normalised, and the draws vary."""
+    from torchvision.transforms import functional as TF
+
+    torch = pytest.importorskip("torch")
+    generator = torch.Generator().manual_seed(0)
+    raw = torch.randint(0, 256, (1, 28, 28), generator=generator).float() / 255  # ToTensor's range
+    normalise = lambda image: (image - parity.MEAN) / parity.STD  # noqa: E731
+    padded = TF.pad(raw, [4] * 4, fill=0)
+    candidates = torch.stack(
+        [
+            normalise(view)
+            for r in range(9)
+            for c in range(9)
+            for view in (TF.crop(padded, r, c, 28, 28), TF.hflip(TF.crop(padded, r, c, 28, 28)))
+        ]
+    )
+    torch.manual_seed(0)
+    out = parity.augment_batch(normalise(raw).expand(200, 1, 28, 28).clone(), 4)
+    distance = (out[:, None] - candidates[None]).abs().flatten(2).amax(-1)  # (200, 162)
+    assert distance.min(dim=1).values.max() < 1e-5  # every output is a torchvision view
+    matched = distance.argmin(dim=1)
+    assert len(set(matched.tolist())) > 60  # offsets and flips are drawn, not fixed
+    assert {index % 2 for index in matched.tolist()} == {0, 1}  # flipped and not
