@@ -138,6 +138,13 @@ MEMORY = 500
 # regulariser caps its penalty's curvature.
 BATCH_FISHER = ["strategy.fisher=batch", "strategy.fisher_labels=empirical"]
 UNCAPPED = "strategy.curvature_limit=none"
+DERPP_OVERRIDES = [
+    f"strategy.memory.size={MEMORY}",
+    "strategy.alpha=0.1",
+    "strategy.beta=0.5",
+    "strategy.head=full",
+]
+DERPP_KWARGS = {"mem_size": MEMORY, "alpha": 0.1, "beta": 0.5, "batch_size_mem": BATCH_SIZE}
 GEM_OVERRIDES = ["strategy.patterns_per_task=100", "strategy.memory_strength=0.5"]
 GEM_KWARGS = {"patterns_per_exp": 100, "memory_strength": 0.5}
 BIC_OVERRIDES = [
@@ -286,9 +293,9 @@ METHODS = {
     ),
     "derpp": Method(
         "derpp",
-        [f"strategy.memory.size={MEMORY}", "strategy.alpha=0.1", "strategy.beta=0.5", "strategy.head=full"],
+        DERPP_OVERRIDES,
         "DER",
-        {"mem_size": MEMORY, "alpha": 0.1, "beta": 0.5, "batch_size_mem": BATCH_SIZE},
+        DERPP_KWARGS,
         head="full",
         notes=DER_MEMORY
         + "; and Avalanche's MSE and CE terms share one memory batch, incr draws two (the paper).",
@@ -296,9 +303,9 @@ METHODS = {
     # Avalanche's DER with the paper's memory, nothing else changed: measures what its memory is worth
     "derpp_reservoir": Method(
         "derpp",
-        [f"strategy.memory.size={MEMORY}", "strategy.alpha=0.1", "strategy.beta=0.5", "strategy.head=full"],
+        DERPP_OVERRIDES,
         "DER",
-        {"mem_size": MEMORY, "alpha": 0.1, "beta": 0.5, "batch_size_mem": BATCH_SIZE},
+        DERPP_KWARGS,
         head="full",
         avalanche_der_memory="reservoir",
         incr_runs_of="derpp",
