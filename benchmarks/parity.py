@@ -27,7 +27,8 @@ number of seeds.
 
 `--jobs 2 --threads 1` makes two runs at a time, one thread each, in the same interleaved order (both tools'
 runs then share the cores alike, and the time ratios are those of one thread). The records behind
-docs/benchmarks.md's ConvNet table are kept under benchmarks/results/parity/ (their runs' folders are not): with
+docs/benchmarks.md's ConvNet table (and the MLP table's cumulative and BiC rows) are kept under
+benchmarks/results/parity/ (their runs' folders are not): with
 `--out benchmarks/results/parity` a run makes only what is missing there, and `--finished-only` renders the
 table of what is there without running anything.
 
