@@ -462,7 +462,10 @@ def reservoir_der(der_class: type, augment: bool) -> type:
     class ReservoirDER(der_class):
         def __init__(self, **kwargs):
             super().__init__(**kwargs)
-            self.seen, self.stored = 0, {}  # stored: x, y, logits, each mem_size rows once filled
+            self.seen, self.stored = (
+                0,
+                {},
+            )  # stored: x, y, logits of mem_size rows, the first min(seen, size) kept
 
         def _before_training_exp(self, **kwargs):
             super(der_class, self)._before_training_exp(**kwargs)  # no class-balanced replay loader
@@ -477,8 +480,8 @@ def reservoir_der(der_class: type, augment: bool) -> type:
                 self.mbatch[0] = augment_batch(self.mbatch[0], CROP_PADDING)
             # training_epoch replays when replay_loader is set and slices off batch_size_mem rows
             self.replay_loader = None
-            if self.stored and len(self.stored["y"]) >= self.batch_size_mem:
-                rows = torch.randperm(len(self.stored["y"]))[: self.batch_size_mem]
+            if (kept := min(self.seen, self.mem_size)) >= self.batch_size_mem:
+                rows = torch.randperm(kept)[: self.batch_size_mem]
                 x = self.stored["x"][rows]
                 self.mbatch[0] = torch.cat((augment_batch(x, CROP_PADDING) if augment else x, self.mbatch[0]))
                 self.mbatch[1] = torch.cat((self.stored["y"][rows], self.mbatch[1]))
@@ -488,21 +491,15 @@ def reservoir_der(der_class: type, augment: bool) -> type:
         def _after_training_iteration(self, **kwargs):
             x, y = self.unaugmented
             logits = self.mb_output[len(self.mb_output) - len(y) :].detach()
+            if not self.stored:
+                self.stored = {
+                    key: value.new_zeros(self.mem_size, *value.shape[1:])
+                    for key, value in (("x", x), ("y", y), ("logits", logits))
+                }
             for i in range(len(y)):  # reservoir sampling (Vitter's algorithm R), as Mammoth's buffer
                 slot = self.seen if self.seen < self.mem_size else int(torch.randint(0, self.seen + 1, ()))
                 self.seen += 1
-                if slot >= self.mem_size:
-                    continue
-                if not self.stored:
-                    self.stored = {
-                        "x": x.new_empty(0, *x.shape[1:]),
-                        "y": y.new_empty(0),
-                        "logits": logits.new_empty(0, logits.shape[1]),
-                    }
-                if slot == len(self.stored["y"]):
-                    for key, value in (("x", x), ("y", y), ("logits", logits)):
-                        self.stored[key] = torch.cat((self.stored[key], value[i : i + 1]))
-                else:
+                if slot < self.mem_size:
                     for key, value in (("x", x), ("y", y), ("logits", logits)):
                         self.stored[key][slot] = value[i]
             super()._after_training_iteration(**kwargs)

@@ -126,3 +126,39 @@ def test_in_step_augmentation_draws_torchvision_crops_and_flips(parity):
     matched = distance.argmin(dim=1)
     assert len(set(matched.tolist())) > 60  # offsets and flips are drawn, not fixed
     assert {index % 2 for index in matched.tolist()} == {0, 1}  # flipped and not
+
+
+def test_reservoir_der_memory_keeps_a_uniform_sample_with_its_step_logits(parity):
+    """The reservoir DER's memory over a stub of Avalanche's DER hooks: at most mem_size samples, each with the
+    logits its own step computed, drawn uniformly over the stream; replay only once a memory batch is held."""
+    torch = pytest.importorskip("torch")
+
+    class Template:  # the hooks reservoir_der calls past the DER class
+        def _before_forward(self, **kwargs):
+            pass
+
+        def _after_training_iteration(self, **kwargs):
+            pass
+
+    class StubDER(Template):
+        def __init__(self, mem_size, batch_size_mem):
+            self.mem_size, self.batch_size_mem = mem_size, batch_size_mem
+
+    strategy = parity.reservoir_der(StubDER, augment=False)(mem_size=50, batch_size_mem=8)
+    torch.manual_seed(0)
+    replayed = []
+    for step in range(200):  # 200 steps of 8 samples, labels cycling over 10 classes; x carries its own index
+        index = torch.arange(step * 8, step * 8 + 8)
+        strategy.mbatch = [index.float().view(8, 1, 1, 1), index % 10, torch.zeros(8, dtype=torch.long)]
+        strategy._before_forward()
+        replayed.append(len(strategy.mbatch[0]) - 8)
+        # a "network" whose logit 0 is the input's index: the stored logits must follow their samples
+        strategy.mb_output = strategy.mbatch[0].view(-1, 1).expand(-1, 10).clone()
+        strategy._after_training_iteration()
+    assert replayed[0] == 0 and set(replayed[1:]) == {8}  # the first step has no memory yet
+    assert strategy.seen == 1600
+    stored = strategy.stored
+    assert stored["x"].shape[0] == 50 and len(set(stored["x"].flatten().tolist())) == 50
+    assert torch.equal(stored["logits"][:, 0], stored["x"].flatten())  # each sample's own step's logits
+    assert torch.equal(stored["y"], stored["x"].flatten().long() % 10)
+    assert stored["x"].flatten().mean() > 400  # uniform over 0..1599, not the first 50 seen
